@@ -1,0 +1,76 @@
+"""Fake (meta) kernels for every bnx op, so torch.compile and FakeTensor can trace them.
+
+Shapes, dtypes and strides follow the real kernels in csrc/ (see docs/DESIGN.md)."""
+import torch
+from torch.library import register_fake
+
+
+def stat_dtype(input):
+    """The statistics / accumulate dtype: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def output_format(input):
+    """The memory format the kernels return (csrc/common.h: output_format)."""
+    if input.is_contiguous():
+        return torch.contiguous_format
+    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _check_input(input):
+    torch._check(2 <= input.dim() <= 5, lambda: f"bnx: expected 2-D to 5-D input, got {input.dim()}-D")
+    torch._check(input.dtype.is_floating_point, lambda: f"bnx: expected floating-point input, got {input.dtype}")
+
+
+def _channel_stats(input):
+    return input.new_empty((input.shape[1],), dtype=stat_dtype(input))
+
+
+def _like_input(input):
+    return torch.empty_like(input, memory_format=output_format(input))
+
+
+@register_fake("bnx::batch_norm_stats")
+def _batch_norm_stats_fake(input, running_mean, running_var, num_batches_tracked, momentum, eps):
+    _check_input(input)
+    return _channel_stats(input), _channel_stats(input)
+
+
+@register_fake("bnx::batch_norm_elemt")
+def _batch_norm_elemt_fake(input, weight, bias, mean, invstd):
+    _check_input(input)
+    return _like_input(input)
+
+
+@register_fake("bnx::batch_norm_inference")
+def _batch_norm_inference_fake(input, weight, bias, running_mean, running_var, eps):
+    _check_input(input)
+    return _like_input(input)
+
+
+@register_fake("bnx::batch_norm_backward_reduce")
+def _batch_norm_backward_reduce_fake(grad_out, input, mean, invstd):
+    _check_input(input)
+    return _channel_stats(input), _channel_stats(input)
+
+
+@register_fake("bnx::batch_norm_backward_elemt")
+def _batch_norm_backward_elemt_fake(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+    _check_input(input)
+    return _like_input(input)
+
+
+@register_fake("bnx::batch_norm_backward")
+def _batch_norm_backward_fake(grad_out, input, mean, invstd, weight, formula, output_mask):
+    _check_input(input)
+    torch._check(formula in ("batch", "frozen"), lambda: f'bnx: formula must be "batch" or "frozen", got "{formula}"')
+    param_dtype = weight.dtype if weight is not None else stat_dtype(input)
+    C = input.shape[1]
+    grad_input = _like_input(input) if output_mask[0] else input.new_empty((0,))
+    grad_weight = input.new_empty((C,) if output_mask[1] else (0,), dtype=param_dtype)
+    grad_bias = input.new_empty((C,) if output_mask[2] else (0,), dtype=param_dtype)
+    return grad_input, grad_weight, grad_bias

@@ -1,0 +1,121 @@
+"""bnx.functional.batch_norm: torch.nn.functional.batch_norm with a choice of backward formula."""
+import torch
+
+from .autograd import FORMULAS, BatchNormFunction
+
+__all__ = ["batch_norm", "resolve_backward"]
+
+
+def resolve_backward(backward, use_batch_stats):
+    """The formula to use: ``backward`` checked against the statistics the forward uses."""
+    if backward is None:
+        return "batch" if use_batch_stats else "frozen"
+    if backward not in FORMULAS:
+        raise ValueError(f"backward must be None, 'batch' or 'frozen', got {backward!r}")
+    if backward == "batch" and not use_batch_stats:
+        raise ValueError(
+            "backward='batch' needs batch statistics, but this forward normalizes with the running "
+            "statistics (training=False), which are constants: there is no gradient through them. "
+            "Use backward='frozen' (or None), or training=True."
+        )
+    return backward
+
+
+def _verify_batch_size(input):
+    size = input.shape
+    values = size[0]
+    for s in size[2:]:
+        values *= s
+    if values == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(size)}")
+
+
+def _check_tensors(input, tensors):
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"bnx.batch_norm: input must be a Tensor, got {type(input).__name__}")
+    if not input.dtype.is_floating_point:
+        raise TypeError(
+            f"bnx.batch_norm: expected a floating-point input (float64, float32, float16 or bfloat16), "
+            f"got {input.dtype}"
+        )
+    if not 2 <= input.dim() <= 5:
+        raise ValueError(
+            f"bnx.batch_norm: expected input of shape (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), "
+            f"got {input.dim()}-D input of shape {tuple(input.shape)}"
+        )
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device != input.device:
+            raise RuntimeError(
+                f"bnx.batch_norm: expected all tensors on the same device, but input is on {input.device} "
+                f"and {name} is on {t.device}"
+            )
+        if name != "num_batches_tracked":
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"bnx.batch_norm: {name} must be floating-point, got {t.dtype}")
+            if t.dim() != 1 or t.shape[0] != input.shape[1]:
+                raise RuntimeError(
+                    f"{name} should contain {input.shape[1]} elements not {t.numel()} "
+                    f"(one per channel of input of shape {tuple(input.shape)})"
+                )
+
+
+def batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    *,
+    backward=None,
+    num_batches_tracked=None,
+):
+    """Batch normalization with the semantics of :func:`torch.nn.functional.batch_norm`, plus ``backward``.
+
+    Args:
+        backward: ``None`` (the formula that matches the forward: batch statistics -> ``"batch"``, running
+            statistics -> ``"frozen"``), ``"batch"`` (gradient through the batch mean and variance) or
+            ``"frozen"`` (mean and variance treated as constants: ``dx = weight * invstd * dy``).
+        num_batches_tracked: with ``training=True`` and running statistics, update them with the cumulative
+            average factor ``1 / num_batches_tracked`` (torch modules' ``momentum=None``), read on the device.
+    """
+    _check_tensors(
+        input,
+        {
+            "running_mean": running_mean,
+            "running_var": running_var,
+            "weight": weight,
+            "bias": bias,
+            "num_batches_tracked": num_batches_tracked,
+        },
+    )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if not training and running_mean is None:
+        raise ValueError(
+            "bnx.batch_norm: training=False normalizes with running_mean and running_var, but they are None"
+        )
+    if training:
+        _verify_batch_size(input)
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    formula = resolve_backward(backward, training)
+    if not training:
+        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, eps, formula, True)
+    if momentum is None:
+        if running_mean is not None and num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        momentum = 0.0
+    if num_batches_tracked is not None and running_mean is None:
+        num_batches_tracked = None
+    # The statistics op is not differentiated: BatchNormFunction's backward accounts for them.
+    mean, invstd = torch.ops.bnx.batch_norm_stats(
+        input.detach(), running_mean, running_var, num_batches_tracked, float(momentum), float(eps)
+    )
+    return BatchNormFunction.apply(input, weight, bias, mean, invstd, eps, formula, False)

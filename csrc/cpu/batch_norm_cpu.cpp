@@ -1,0 +1,412 @@
+// CPU kernels for the bnx ops. Work is split with at::parallel_for; inner loops run over contiguous memory
+// and are written for the compiler to vectorize (`omp simd`, built with -fopenmp-simd).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include <vector>
+
+#include "../common.h"
+
+namespace bnx {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kGrainElements = 1 << 15;  // elements per parallel task, at least
+constexpr int64_t kBlock = 4096;             // elements summed in opmath before moving into double
+
+// Per-channel sums of the two values f(idx, c) returns, over every element of the channel.
+// Partial sums are kept per fixed slice of the data, so the result does not depend on thread timing.
+template <typename opmath_t, typename F>
+void channel_sums(const Layout& L, const F& f, std::vector<double>& sum1, std::vector<double>& sum2) {
+  const int64_t C = L.C;
+  sum1.assign(C, 0.0);
+  sum2.assign(C, 0.0);
+  if (L.rows == 0 || C == 0) return;
+  if (!L.channels_last) {
+    const int64_t S = L.inner;
+    at::parallel_for(0, C, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, L.rows)),
+                     [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double t1 = 0, t2 = 0;
+        for (int64_t n = 0; n < L.N; ++n) {
+          const int64_t base = (n * C + c) * S;
+          for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
+            const int64_t s1 = std::min(S, s0 + kBlock);
+            opmath_t a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+            for (int64_t s = s0; s < s1; ++s) {
+              const auto v = f(base + s, c);
+              a += v.first;
+              b += v.second;
+            }
+            t1 += a;
+            t2 += b;
+          }
+        }
+        sum1[c] = t1;
+        sum2[c] = t2;
+      }
+    });
+    return;
+  }
+  // Rows of C channels: each slice of rows accumulates all channels, then the slices are added in order.
+  const int64_t rows = L.rows;
+  const int64_t rows_per_slice = std::max<int64_t>(1, kGrainElements / C);
+  const int64_t slices = std::min<int64_t>((rows + rows_per_slice - 1) / rows_per_slice,
+                                           std::max<int64_t>(1, 4 * at::get_num_threads()));
+  std::vector<double> partial(static_cast<size_t>(slices * 2 * C), 0.0);
+  const int64_t row_block = std::max<int64_t>(1, kBlock / C);
+  at::parallel_for(0, slices, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<opmath_t> a(C), b(C);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = rows * t / slices, r1 = rows * (t + 1) / slices;
+      double* p1 = partial.data() + t * 2 * C;
+      double* p2 = p1 + C;
+      for (int64_t rb = r0; rb < r1; rb += row_block) {
+        std::fill(a.begin(), a.end(), opmath_t(0));
+        std::fill(b.begin(), b.end(), opmath_t(0));
+        opmath_t* pa = a.data();
+        opmath_t* pb = b.data();
+        for (int64_t r = rb; r < std::min(r1, rb + row_block); ++r) {
+          const int64_t base = r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const auto v = f(base + c, c);
+            pa[c] += v.first;
+            pb[c] += v.second;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          p1[c] += pa[c];
+          p2[c] += pb[c];
+        }
+      }
+    }
+  });
+  for (int64_t t = 0; t < slices; ++t) {
+    const double* p1 = partial.data() + t * 2 * C;
+    for (int64_t c = 0; c < C; ++c) {
+      sum1[c] += p1[c];
+      sum2[c] += p1[C + c];
+    }
+  }
+}
+
+// out[idx] = g(idx, c) for every element.
+template <typename scalar_t, typename G>
+void channel_map(const Layout& L, scalar_t* out, const G& g) {
+  const int64_t C = L.C;
+  if (L.rows == 0 || C == 0) return;
+  if (!L.channels_last) {
+    const int64_t S = L.inner;
+    at::parallel_for(0, L.N * C, std::max<int64_t>(1, kGrainElements / S), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t c = p % C;
+        const int64_t base = p * S;
+#pragma omp simd
+        for (int64_t s = 0; s < S; ++s) out[base + s] = static_cast<scalar_t>(g(base + s, c));
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, L.rows, std::max<int64_t>(1, kGrainElements / C), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) out[base + c] = static_cast<scalar_t>(g(base + c, c));
+    }
+  });
+}
+
+// A per-channel tensor as a contiguous vector of the statistics dtype (weight 1 / bias 0 when absent).
+template <typename opmath_t>
+std::vector<opmath_t> channel_values(const Tensor& t, int64_t C, opmath_t fill) {
+  if (!t.defined()) return std::vector<opmath_t>(C, fill);
+  const Tensor v = t.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous();
+  const opmath_t* p = v.data_ptr<opmath_t>();
+  return std::vector<opmath_t>(p, p + C);
+}
+
+template <typename opmath_t>
+Tensor channel_tensor(const std::vector<double>& v, const Tensor& like) {
+  Tensor out = at::empty({static_cast<int64_t>(v.size())}, like.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
+  opmath_t* p = out.data_ptr<opmath_t>();
+  for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<opmath_t>(v[i]);
+  return out;
+}
+
+// running = (1 - f) * running + f * value, f = momentum or 1 / num_batches_tracked.
+void update_running(Tensor& running, const Tensor& value, const Tensor& num_batches_tracked, double momentum) {
+  const Tensor v = value.to(at::kDouble);
+  const Tensor r = running.to(at::kDouble);
+  const Tensor f = num_batches_tracked.defined()
+                       ? at::reciprocal(num_batches_tracked.to(at::kDouble)).reshape({})
+                       : at::scalar_tensor(momentum, v.options());
+  running.copy_(r * (1 - f) + v * f);
+}
+
+std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input_, const c10::optional<Tensor>& running_mean,
+                                                const c10::optional<Tensor>& running_var,
+                                                const c10::optional<Tensor>& num_batches_tracked,
+                                                double momentum, double eps) {
+  check_input(input_);
+  check_running_pair(running_mean, running_var, input_);
+  const Tensor nbt = value_or_undefined(num_batches_tracked);
+  if (nbt.defined()) {
+    TORCH_CHECK(nbt.numel() == 1 && nbt.device() == input_.device(),
+                "bnx: num_batches_tracked must be a one-element tensor on the input's device, got shape ",
+                nbt.sizes(), " on ", nbt.device());
+  }
+  TORCH_CHECK(eps > 0, "bnx: eps must be positive when computing batch statistics, got ", eps);
+  const Layout L = layout_of(input_);
+  const Tensor input = dense_as(input_, L.format);
+  const bool update = running_mean.has_value() && running_mean->defined();
+  TORCH_CHECK(!update || L.rows != 1, "Expected more than 1 value per channel when training, got input size ",
+              input_.sizes());
+  Tensor mean, invstd;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_stats_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const int64_t C = L.C, M = L.rows;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    // Sums of (x - shift) around one sample of each channel keep the variance free of cancellation.
+    std::vector<opmath_t> shift(C, opmath_t(0));
+    if (M > 0) {
+      for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<opmath_t>(x[L.channels_last ? c : c * L.inner]);
+    }
+    const opmath_t* k = shift.data();
+    std::vector<double> s1, s2;
+    channel_sums<opmath_t>(L, [=](int64_t i, int64_t c) {
+      const opmath_t d = static_cast<opmath_t>(x[i]) - k[c];
+      return std::make_pair(d, d * d);
+    }, s1, s2);
+    std::vector<double> m(C), iv(C), var_unbiased(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = M > 0 ? s1[c] / M : 0.0;
+      const double var = M > 0 ? std::max(s2[c] / M - d * d, 0.0) : 0.0;
+      m[c] = M > 0 ? k[c] + d : 0.0;
+      iv[c] = 1.0 / std::sqrt(var + eps);
+      var_unbiased[c] = M > 1 ? var * M / (M - 1) : var;
+    }
+    mean = channel_tensor<opmath_t>(m, input);
+    invstd = channel_tensor<opmath_t>(iv, input);
+    if (update && M > 0) {
+      Tensor rm = *running_mean, rv = *running_var;
+      update_running(rm, mean, nbt, momentum);
+      update_running(rv, channel_tensor<double>(var_unbiased, input), nbt, momentum);
+    }
+  });
+  return {mean, invstd};
+}
+
+// y = x * scale + offset per channel, with scale = weight * invstd and offset = bias - mean * scale.
+Tensor affine_map(const Tensor& input, const Layout& L, const Tensor& weight, const Tensor& bias,
+                  const Tensor& mean, const Tensor& invstd) {
+  Tensor out = at::empty_like(input, L.format);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_elemt_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const int64_t C = L.C;
+    const auto w = channel_values<opmath_t>(weight, C, 1);
+    const auto b = channel_values<opmath_t>(bias, C, 0);
+    const auto mu = channel_values<opmath_t>(mean, C, 0);
+    const auto is = channel_values<opmath_t>(invstd, C, 1);
+    std::vector<opmath_t> scale(C), offset(C);
+    for (int64_t c = 0; c < C; ++c) {
+      scale[c] = w[c] * is[c];
+      offset[c] = b[c] - mu[c] * scale[c];
+    }
+    const opmath_t* sc = scale.data();
+    const opmath_t* of = offset.data();
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    channel_map(L, out.mutable_data_ptr<scalar_t>(), [=](int64_t i, int64_t c) {
+      return static_cast<opmath_t>(x[i]) * sc[c] + of[c];
+    });
+  });
+  return out;
+}
+
+void check_affine(const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias) {
+  check_channel_tensor(value_or_undefined(weight), "weight", input);
+  check_channel_tensor(value_or_undefined(bias), "bias", input);
+}
+
+Tensor batch_norm_elemt_cpu(const Tensor& input_, const c10::optional<Tensor>& weight,
+                            const c10::optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd) {
+  check_input(input_);
+  check_affine(input_, weight, bias);
+  check_stat_pair(mean, invstd, input_);
+  const Layout L = layout_of(input_);
+  const Tensor input = dense_as(input_, L.format);
+  return affine_map(input, L, value_or_undefined(weight), value_or_undefined(bias), mean, invstd);
+}
+
+Tensor batch_norm_inference_cpu(const Tensor& input_, const c10::optional<Tensor>& weight,
+                                const c10::optional<Tensor>& bias, const Tensor& running_mean,
+                                const Tensor& running_var, double eps) {
+  check_input(input_);
+  check_affine(input_, weight, bias);
+  check_running_pair(running_mean, running_var, input_);
+  TORCH_CHECK(running_mean.defined(), "bnx: batch_norm_inference needs running_mean and running_var");
+  TORCH_CHECK(eps >= 0, "bnx: eps must be non-negative, got ", eps);
+  const Layout L = layout_of(input_);
+  const Tensor input = dense_as(input_, L.format);
+  const auto dt = stat_dtype(input);
+  const Tensor invstd = at::rsqrt(running_var.to(dt) + eps);
+  return affine_map(input, L, value_or_undefined(weight), value_or_undefined(bias), running_mean.to(dt), invstd);
+}
+
+// Per-channel sum(dy) and sum(dy * (x - mean)); when dx_scale is given, also writes dx = dx_scale[c] * dy
+// in the same pass (the frozen-statistics backward).
+template <typename scalar_t, typename opmath_t>
+void backward_sums(const Layout& L, const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+                   std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu, const opmath_t* dx_scale,
+                   scalar_t* dx) {
+  const auto mu = channel_values<opmath_t>(mean, L.C, 0);
+  const opmath_t* m = mu.data();
+  const scalar_t* x = input.const_data_ptr<scalar_t>();
+  const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
+  if (dx != nullptr) {
+    channel_sums<opmath_t>(L, [=](int64_t i, int64_t c) {
+      const opmath_t g = static_cast<opmath_t>(dy[i]);
+      dx[i] = static_cast<scalar_t>(g * dx_scale[c]);
+      return std::make_pair(g, g * (static_cast<opmath_t>(x[i]) - m[c]));
+    }, sum_dy, sum_dy_xmu);
+  } else {
+    channel_sums<opmath_t>(L, [=](int64_t i, int64_t c) {
+      const opmath_t g = static_cast<opmath_t>(dy[i]);
+      return std::make_pair(g, g * (static_cast<opmath_t>(x[i]) - m[c]));
+    }, sum_dy, sum_dy_xmu);
+  }
+}
+
+struct BackwardArgs {
+  Layout L;
+  Tensor grad_out, input;
+};
+
+BackwardArgs check_backward_args(const Tensor& grad_out_, const Tensor& input_, const Tensor& mean,
+                                 const Tensor& invstd) {
+  check_input(input_);
+  check_same_shape(grad_out_, "grad_out", input_, "input");
+  check_stat_pair(mean, invstd, input_);
+  BackwardArgs a;
+  a.L = layout_of(input_);
+  a.input = dense_as(input_, a.L.format);
+  a.grad_out = dense_as(grad_out_, a.L.format);
+  return a;
+}
+
+std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cpu(const Tensor& grad_out_, const Tensor& input_,
+                                                          const Tensor& mean, const Tensor& invstd) {
+  const BackwardArgs a = check_backward_args(grad_out_, input_, mean, invstd);
+  Tensor sum_dy, sum_dy_xmu;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_reduce_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    std::vector<double> s1, s2;
+    backward_sums<scalar_t, opmath_t>(a.L, a.grad_out, a.input, mean, s1, s2, nullptr, nullptr);
+    sum_dy = channel_tensor<opmath_t>(s1, a.input);
+    sum_dy_xmu = channel_tensor<opmath_t>(s2, a.input);
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+// Batch-statistics grad_input: w*invstd*(dy - sum_dy/M - (x-mean)*invstd^2*sum_dy_xmu/M).
+Tensor batch_grad_input(const BackwardArgs& a, const Tensor& weight, const Tensor& mean, const Tensor& invstd,
+                        const Tensor& sum_dy, const Tensor& sum_dy_xmu, int64_t count) {
+  Tensor dx = at::empty_like(a.input, a.L.format);
+  if (count == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_elemt_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const int64_t C = a.L.C;
+    const auto w = channel_values<opmath_t>(weight, C, 1);
+    const auto mu = channel_values<opmath_t>(mean, C, 0);
+    const auto is = channel_values<opmath_t>(invstd, C, 1);
+    const auto sdy = channel_values<opmath_t>(sum_dy, C, 0);
+    const auto sdx = channel_values<opmath_t>(sum_dy_xmu, C, 0);
+    std::vector<opmath_t> gain(C), xmu_coef(C), offset(C);
+    const opmath_t inv_count = opmath_t(1) / static_cast<opmath_t>(count);
+    for (int64_t c = 0; c < C; ++c) {
+      gain[c] = w[c] * is[c];
+      xmu_coef[c] = -gain[c] * is[c] * is[c] * sdx[c] * inv_count;
+      offset[c] = -gain[c] * sdy[c] * inv_count;
+    }
+    const opmath_t *g = gain.data(), *k = xmu_coef.data(), *o = offset.data(), *m = mu.data();
+    const scalar_t* x = a.input.const_data_ptr<scalar_t>();
+    const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
+    channel_map(a.L, dx.mutable_data_ptr<scalar_t>(), [=](int64_t i, int64_t c) {
+      return static_cast<opmath_t>(dy[i]) * g[c] + (static_cast<opmath_t>(x[i]) - m[c]) * k[c] + o[c];
+    });
+  });
+  return dx;
+}
+
+Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_out_, const Tensor& input_, const Tensor& mean,
+                                     const Tensor& invstd, const c10::optional<Tensor>& weight,
+                                     const Tensor& sum_dy, const Tensor& sum_dy_xmu, int64_t count) {
+  const BackwardArgs a = check_backward_args(grad_out_, input_, mean, invstd);
+  check_channel_tensor(value_or_undefined(weight), "weight", input_);
+  check_channel_tensor(sum_dy, "sum_dy", input_);
+  check_channel_tensor(sum_dy_xmu, "sum_dy_xmu", input_);
+  TORCH_CHECK(count >= 0, "bnx: count must be non-negative, got ", count);
+  return batch_grad_input(a, value_or_undefined(weight), mean, invstd, sum_dy, sum_dy_xmu, count);
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_out_, const Tensor& input_,
+                                                           const Tensor& mean, const Tensor& invstd,
+                                                           const c10::optional<Tensor>& weight_,
+                                                           c10::string_view formula_,
+                                                           std::array<bool, 3> output_mask) {
+  const BackwardArgs a = check_backward_args(grad_out_, input_, mean, invstd);
+  const Tensor weight = value_or_undefined(weight_);
+  check_channel_tensor(weight, "weight", input_);
+  const Formula formula = parse_formula(formula_);
+  const auto grad_param_options = a.input.options().dtype(param_grad_dtype(weight, a.input));
+  Tensor grad_input = at::empty({0}, a.input.options());
+  Tensor grad_weight = at::empty({0}, grad_param_options);
+  Tensor grad_bias = at::empty({0}, grad_param_options);
+  const bool need_sums = output_mask[1] || output_mask[2] || (formula == Formula::Batch && output_mask[0]);
+  if (output_mask[0]) grad_input = at::empty_like(a.input, a.L.format);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const int64_t C = a.L.C;
+    const auto w = channel_values<opmath_t>(weight, C, 1);
+    const auto is = channel_values<opmath_t>(invstd, C, 1);
+    std::vector<opmath_t> gain(C);
+    for (int64_t c = 0; c < C; ++c) gain[c] = w[c] * is[c];
+    // The frozen formula writes dx in the same pass as the sums, or alone when no sums are wanted.
+    scalar_t* frozen_dx = (formula == Formula::Frozen && output_mask[0]) ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+    if (need_sums) {
+      std::vector<double> s1, s2;
+      backward_sums<scalar_t, opmath_t>(a.L, a.grad_out, a.input, mean, s1, s2, gain.data(), frozen_dx);
+      const Tensor sum_dy = channel_tensor<opmath_t>(s1, a.input);
+      const Tensor sum_dy_xmu = channel_tensor<opmath_t>(s2, a.input);
+      if (output_mask[1]) grad_weight = (sum_dy_xmu * invstd.to(sum_dy_xmu.scalar_type())).to(grad_param_options.dtype());
+      if (output_mask[2]) grad_bias = sum_dy.to(grad_param_options.dtype());
+      if (formula == Formula::Batch && output_mask[0]) {
+        grad_input = batch_grad_input(a, weight, mean, invstd, sum_dy, sum_dy_xmu, a.L.rows);
+      }
+    } else if (frozen_dx != nullptr) {
+      const opmath_t* g = gain.data();
+      const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
+      channel_map(a.L, frozen_dx, [=](int64_t i, int64_t c) { return static_cast<opmath_t>(dy[i]) * g[c]; });
+    }
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+}  // namespace bnx
+
+TORCH_LIBRARY_IMPL(bnx, CPU, m) {
+  m.impl("batch_norm_stats", &bnx::batch_norm_stats_cpu);
+  m.impl("batch_norm_elemt", &bnx::batch_norm_elemt_cpu);
+  m.impl("batch_norm_inference", &bnx::batch_norm_inference_cpu);
+  m.impl("batch_norm_backward_reduce", &bnx::batch_norm_backward_reduce_cpu);
+  m.impl("batch_norm_backward_elemt", &bnx::batch_norm_backward_elemt_cpu);
+  m.impl("batch_norm_backward", &bnx::batch_norm_backward_cpu);
+}

@@ -1,0 +1,38 @@
+// The bnx operator schemas. Kernels live in csrc/cpu and csrc/cuda; fake kernels in bnx/_meta.py.
+// docs/DESIGN.md describes each op.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import bnx._C` loads this library, which registers the ops below; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(bnx, m) {
+  // Per-channel batch mean and invstd; updates the running statistics in place when given.
+  m.def(
+      "batch_norm_stats(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor? num_batches_tracked, float momentum, float eps) -> (Tensor, Tensor)");
+  // y = (x - mean) * invstd * weight + bias.
+  m.def(
+      "batch_norm_elemt(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd) -> Tensor");
+  // Eval forward with the running statistics, in one pass.
+  m.def(
+      "batch_norm_inference(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
+      "Tensor running_var, float eps) -> Tensor");
+  // Per-channel sum(dy) and sum(dy * (x - mean)).
+  m.def(
+      "batch_norm_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd) "
+      "-> (Tensor, Tensor)");
+  // Batch-statistics grad_input from the reduced sums.
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
+      "Tensor sum_dy, Tensor sum_dy_xmu, int count) -> Tensor");
+  // Fused backward, formula "batch" or "frozen"; unwanted outputs come back empty.
+  m.def(
+      "batch_norm_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
+      "str formula, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
