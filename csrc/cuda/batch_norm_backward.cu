@@ -1,0 +1,296 @@
+// Backward on CUDA: per-channel gradient sums, the batch-statistics grad_input pass, and the one-pass
+// frozen-statistics backward (grad_input written while the weight/bias sums are taken).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "common.cuh"
+
+namespace bnx {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+
+// Sums dy and dy * (x - mean); with kWriteDx also writes dx = weight * invstd * dy (frozen formula).
+template <typename scalar_t, typename acc_t, bool kWriteDx>
+struct GradSumsOp {
+  const scalar_t* __restrict__ x;
+  const scalar_t* __restrict__ dy;
+  scalar_t* __restrict__ dx;
+  const acc_t* __restrict__ mean;
+  const acc_t* __restrict__ weight;
+  const acc_t* __restrict__ invstd;
+
+  template <int V, bool CL>
+  __device__ Coef<acc_t, V> coef(int64_t cbase, bool active) const {
+    Coef<acc_t, V> k;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int64_t c = lane_channel<CL>(cbase, i);
+      k.a[i] = active ? mean[c] : acc_t(0);
+      k.b[i] = (kWriteDx && active) ? (weight != nullptr ? weight[c] : acc_t(1)) * invstd[c] : acc_t(0);
+    }
+    return k;
+  }
+
+  template <int V>
+  __device__ __forceinline__ void accumulate(int64_t off, const Coef<acc_t, V>& k, acc_t* s1, acc_t* s2) const {
+    const auto xv = load_vec<V>(x, off);
+    const auto gv = load_vec<V>(dy, off);
+    Vec<scalar_t, V> out;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const acc_t g = static_cast<acc_t>(gv.v[i]);
+      s1[i] += g;
+      s2[i] += g * (static_cast<acc_t>(xv.v[i]) - k.a[i]);
+      if (kWriteDx) out.v[i] = static_cast<scalar_t>(g * k.b[i]);
+    }
+    if (kWriteDx) store_vec<V>(dx, off, out);
+  }
+};
+
+// Writes whichever of sum_dy, sum_dy_xmu, grad_weight (= sum_dy_xmu * invstd), grad_bias (= sum_dy) is wanted.
+template <typename acc_t>
+struct GradFinalize {
+  acc_t* __restrict__ sum_dy;
+  acc_t* __restrict__ sum_dy_xmu;
+  acc_t* __restrict__ grad_weight;
+  acc_t* __restrict__ grad_bias;
+  const acc_t* __restrict__ invstd;
+
+  __device__ void operator()(int64_t c, acc_t s1, acc_t s2) const {
+    if (sum_dy != nullptr) sum_dy[c] = s1;
+    if (sum_dy_xmu != nullptr) sum_dy_xmu[c] = s2;
+    if (grad_weight != nullptr) grad_weight[c] = s2 * invstd[c];
+    if (grad_bias != nullptr) grad_bias[c] = s1;
+  }
+};
+
+// dx = weight * invstd * (dy - sum_dy / M - (x - mean) * invstd^2 * sum_dy_xmu / M)
+template <typename scalar_t, typename acc_t>
+struct BatchGradInputOp {
+  const scalar_t* __restrict__ x;
+  const scalar_t* __restrict__ dy;
+  scalar_t* __restrict__ dx;
+  const acc_t* __restrict__ mean;
+  const acc_t* __restrict__ invstd;
+  const acc_t* __restrict__ weight;
+  const acc_t* __restrict__ sum_dy;
+  const acc_t* __restrict__ sum_dy_xmu;
+  acc_t inv_count;
+
+  template <int V, bool CL>
+  __device__ Coef<acc_t, V> coef(int64_t cbase, bool active) const {
+    Coef<acc_t, V> k;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int64_t c = lane_channel<CL>(cbase, i);
+      if (!active) {
+        k.a[i] = k.b[i] = k.c[i] = k.d[i] = acc_t(0);
+        continue;
+      }
+      const acc_t is = invstd[c];
+      const acc_t gain = (weight != nullptr ? weight[c] : acc_t(1)) * is;
+      k.a[i] = gain;
+      k.b[i] = -gain * is * is * sum_dy_xmu[c] * inv_count;
+      k.c[i] = -gain * sum_dy[c] * inv_count;
+      k.d[i] = mean[c];
+    }
+    return k;
+  }
+
+  template <int V>
+  __device__ __forceinline__ void apply(int64_t off, const Coef<acc_t, V>& k) const {
+    const auto xv = load_vec<V>(x, off);
+    const auto gv = load_vec<V>(dy, off);
+    Vec<scalar_t, V> out;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      out.v[i] = static_cast<scalar_t>(static_cast<acc_t>(gv.v[i]) * k.a[i] +
+                                       (static_cast<acc_t>(xv.v[i]) - k.d[i]) * k.b[i] + k.c[i]);
+    }
+    store_vec<V>(dx, off, out);
+  }
+};
+
+// dx = weight * invstd * dy
+template <typename scalar_t, typename acc_t>
+struct FrozenGradInputOp {
+  const scalar_t* __restrict__ dy;
+  scalar_t* __restrict__ dx;
+  const acc_t* __restrict__ invstd;
+  const acc_t* __restrict__ weight;
+
+  template <int V, bool CL>
+  __device__ Coef<acc_t, V> coef(int64_t cbase, bool active) const {
+    Coef<acc_t, V> k;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int64_t c = lane_channel<CL>(cbase, i);
+      k.a[i] = active ? (weight != nullptr ? weight[c] : acc_t(1)) * invstd[c] : acc_t(0);
+    }
+    return k;
+  }
+
+  template <int V>
+  __device__ __forceinline__ void apply(int64_t off, const Coef<acc_t, V>& k) const {
+    const auto gv = load_vec<V>(dy, off);
+    Vec<scalar_t, V> out;
+#pragma unroll
+    for (int i = 0; i < V; ++i) out.v[i] = static_cast<scalar_t>(static_cast<acc_t>(gv.v[i]) * k.a[i]);
+    store_vec<V>(dx, off, out);
+  }
+};
+
+struct BackwardArgs {
+  Layout L;
+  Tensor grad_out, input, mean, invstd;
+  at::ScalarType acc;
+};
+
+BackwardArgs prepare(const Tensor& grad_out, const Tensor& input, const Tensor& mean, const Tensor& invstd) {
+  check_input(input);
+  check_same_shape(grad_out, "grad_out", input, "input");
+  check_stat_pair(mean, invstd, input);
+  BackwardArgs a;
+  a.L = layout_of(input);
+  a.input = dense_as(input, a.L.format);
+  a.grad_out = dense_as(grad_out, a.L.format);
+  a.acc = stat_dtype(input);
+  a.mean = as_acc(mean, a.acc);
+  a.invstd = as_acc(invstd, a.acc);
+  return a;
+}
+
+// Per-channel sums into the acc_t tensors given (undefined ones are skipped); with dx defined, the frozen
+// grad_input is written in the same pass.
+void gradient_sums(const BackwardArgs& a, const Tensor& weight, const Tensor& dx, const Tensor& sum_dy,
+                   const Tensor& sum_dy_xmu, const Tensor& grad_weight, const Tensor& grad_bias) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_reduce_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = a.input.const_data_ptr<scalar_t>();
+    const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.defined() ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+    const int V = dx.defined() ? vector_width(a.L, sizeof(scalar_t), {x, dy, dxp}) : vector_width(a.L, sizeof(scalar_t), {x, dy});
+    const Plan p = make_plan(a.L, V, 8);
+    auto out = [](const Tensor& t) { return t.defined() ? t.mutable_data_ptr<acc_t>() : nullptr; };
+    const GradFinalize<acc_t> fin{out(sum_dy), out(sum_dy_xmu), out(grad_weight), out(grad_bias),
+                                  a.invstd.const_data_ptr<acc_t>()};
+    const acc_t* mean = a.mean.const_data_ptr<acc_t>();
+    const acc_t* invstd = a.invstd.const_data_ptr<acc_t>();
+    const acc_t* w = ptr_or_null<acc_t>(weight);
+    dispatch_plan<scalar_t>(p, [&](auto vec, auto cl) {
+      constexpr int kV = decltype(vec)::value;
+      constexpr bool kCL = decltype(cl)::value;
+      if (dxp != nullptr) {
+        launch_sums<acc_t, kV, kCL>(p, GradSumsOp<scalar_t, acc_t, true>{x, dy, dxp, mean, w, invstd}, fin, a.input);
+      } else {
+        launch_sums<acc_t, kV, kCL>(p, GradSumsOp<scalar_t, acc_t, false>{x, dy, nullptr, mean, w, invstd}, fin, a.input);
+      }
+    });
+  });
+}
+
+void batch_grad_input(const BackwardArgs& a, const Tensor& weight, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
+                      int64_t count, const Tensor& dx) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_elemt_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = a.input.const_data_ptr<scalar_t>();
+    const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    const Plan p = make_plan(a.L, vector_width(a.L, sizeof(scalar_t), {x, dy, dxp}), 16);
+    const BatchGradInputOp<scalar_t, acc_t> op{x, dy, dxp, a.mean.const_data_ptr<acc_t>(), a.invstd.const_data_ptr<acc_t>(),
+                                               ptr_or_null<acc_t>(weight), sum_dy.const_data_ptr<acc_t>(),
+                                               sum_dy_xmu.const_data_ptr<acc_t>(), acc_t(1) / static_cast<acc_t>(count)};
+    dispatch_plan<scalar_t>(p, [&](auto vec, auto cl) {
+      launch_map<acc_t, decltype(vec)::value, decltype(cl)::value>(p, op);
+    });
+  });
+}
+
+void frozen_grad_input(const BackwardArgs& a, const Tensor& weight, const Tensor& dx) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_frozen_grad_input_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    const Plan p = make_plan(a.L, vector_width(a.L, sizeof(scalar_t), {dy, dxp}), 16);
+    const FrozenGradInputOp<scalar_t, acc_t> op{dy, dxp, a.invstd.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(weight)};
+    dispatch_plan<scalar_t>(p, [&](auto vec, auto cl) {
+      launch_map<acc_t, decltype(vec)::value, decltype(cl)::value>(p, op);
+    });
+  });
+}
+
+std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(const Tensor& grad_out, const Tensor& input,
+                                                           const Tensor& mean, const Tensor& invstd) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const BackwardArgs a = prepare(grad_out, input, mean, invstd);
+  Tensor sum_dy = at::zeros({a.L.C}, a.input.options().dtype(a.acc));
+  Tensor sum_dy_xmu = at::zeros({a.L.C}, a.input.options().dtype(a.acc));
+  if (a.L.rows > 0 && a.L.C > 0) gradient_sums(a, Tensor(), Tensor(), sum_dy, sum_dy_xmu, Tensor(), Tensor());
+  return {sum_dy, sum_dy_xmu};
+}
+
+Tensor batch_norm_backward_elemt_cuda(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+                                      const Tensor& invstd, const c10::optional<Tensor>& weight_,
+                                      const Tensor& sum_dy, const Tensor& sum_dy_xmu, int64_t count) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const BackwardArgs a = prepare(grad_out, input, mean, invstd);
+  check_channel_tensor(value_or_undefined(weight_), "weight", input);
+  check_channel_tensor(sum_dy, "sum_dy", input);
+  check_channel_tensor(sum_dy_xmu, "sum_dy_xmu", input);
+  TORCH_CHECK(count >= 0, "bnx: count must be non-negative, got ", count);
+  Tensor dx = at::empty_like(a.input, a.L.format);
+  if (a.input.numel() == 0 || count == 0) return dx;
+  batch_grad_input(a, as_acc(value_or_undefined(weight_), a.acc), as_acc(sum_dy, a.acc), as_acc(sum_dy_xmu, a.acc),
+                   count, dx);
+  return dx;
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_out, const Tensor& input,
+                                                            const Tensor& mean, const Tensor& invstd,
+                                                            const c10::optional<Tensor>& weight_,
+                                                            c10::string_view formula_, std::array<bool, 3> output_mask) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const BackwardArgs a = prepare(grad_out, input, mean, invstd);
+  const Tensor weight_orig = value_or_undefined(weight_);
+  check_channel_tensor(weight_orig, "weight", input);
+  const Formula formula = parse_formula(formula_);
+  const Tensor weight = as_acc(weight_orig, a.acc);
+  const auto param_dtype = param_grad_dtype(weight_orig, a.input);
+  const auto acc_options = a.input.options().dtype(a.acc);
+  Tensor grad_input = output_mask[0] ? at::empty_like(a.input, a.L.format) : at::empty({0}, a.input.options());
+  Tensor grad_weight = at::empty({output_mask[1] ? a.L.C : 0}, acc_options);
+  Tensor grad_bias = at::empty({output_mask[2] ? a.L.C : 0}, acc_options);
+  const bool empty = a.L.rows == 0 || a.L.C == 0;
+  if (empty) {
+    grad_weight.zero_();
+    grad_bias.zero_();
+  } else if (formula == Formula::Batch) {
+    if (output_mask[0] || output_mask[1] || output_mask[2]) {
+      Tensor sum_dy = at::empty({a.L.C}, acc_options), sum_dy_xmu = at::empty({a.L.C}, acc_options);
+      gradient_sums(a, weight, Tensor(), sum_dy, sum_dy_xmu, output_mask[1] ? grad_weight : Tensor(),
+                    output_mask[2] ? grad_bias : Tensor());
+      if (output_mask[0]) batch_grad_input(a, weight, sum_dy, sum_dy_xmu, a.L.rows, grad_input);
+    }
+  } else if (output_mask[1] || output_mask[2]) {
+    gradient_sums(a, weight, output_mask[0] ? grad_input : Tensor(), Tensor(), Tensor(),
+                  output_mask[1] ? grad_weight : Tensor(), output_mask[2] ? grad_bias : Tensor());
+  } else if (output_mask[0]) {
+    frozen_grad_input(a, weight, grad_input);
+  }
+  if (grad_weight.scalar_type() != param_dtype) grad_weight = grad_weight.to(param_dtype);
+  if (grad_bias.scalar_type() != param_dtype) grad_bias = grad_bias.to(param_dtype);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace bnx
+
+TORCH_LIBRARY_IMPL(bnx, CUDA, m) {
+  m.impl("batch_norm_backward_reduce", &bnx::cuda::batch_norm_backward_reduce_cuda);
+  m.impl("batch_norm_backward_elemt", &bnx::cuda::batch_norm_backward_elemt_cuda);
+  m.impl("batch_norm_backward", &bnx::cuda::batch_norm_backward_cuda);
+}

@@ -1,0 +1,116 @@
+// The elementwise forward pass on CUDA: training (batch mean/invstd) and eval (running statistics).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "common.cuh"
+
+namespace bnx {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+
+// y = (x - mean) * (weight * invstd) + bias; with scale_is_var, invstd = 1 / sqrt(scale + eps).
+template <typename scalar_t, typename acc_t>
+struct AffineOp {
+  const scalar_t* __restrict__ x;
+  scalar_t* __restrict__ y;
+  const acc_t* __restrict__ weight;
+  const acc_t* __restrict__ bias;
+  const acc_t* __restrict__ mean;
+  const acc_t* __restrict__ scale;
+  bool scale_is_var;
+  acc_t eps;
+
+  template <int V, bool CL>
+  __device__ Coef<acc_t, V> coef(int64_t cbase, bool active) const {
+    Coef<acc_t, V> k;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int64_t c = lane_channel<CL>(cbase, i);
+      if (!active) {
+        k.a[i] = k.b[i] = k.c[i] = acc_t(0);
+        continue;
+      }
+      const acc_t invstd = scale_is_var ? acc_t(1) / ::sqrt(scale[c] + eps) : scale[c];
+      k.a[i] = mean[c];
+      k.b[i] = (weight != nullptr ? weight[c] : acc_t(1)) * invstd;
+      k.c[i] = bias != nullptr ? bias[c] : acc_t(0);
+    }
+    return k;
+  }
+
+  template <int V>
+  __device__ __forceinline__ void apply(int64_t off, const Coef<acc_t, V>& k) const {
+    const auto v = load_vec<V>(x, off);
+    Vec<scalar_t, V> out;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      out.v[i] = static_cast<scalar_t>((static_cast<acc_t>(v.v[i]) - k.a[i]) * k.b[i] + k.c[i]);
+    }
+    store_vec<V>(y, off, out);
+  }
+};
+
+Tensor affine_forward(const Tensor& input_, const c10::optional<Tensor>& weight_, const c10::optional<Tensor>& bias_,
+                      const Tensor& mean_, const Tensor& scale_, bool scale_is_var, double eps) {
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const Layout L = layout_of(input_);
+  const Tensor input = dense_as(input_, L.format);
+  Tensor out = at::empty_like(input, L.format);
+  if (input.numel() == 0) return out;
+  const auto acc = stat_dtype(input);
+  const Tensor weight = as_acc(value_or_undefined(weight_), acc);
+  const Tensor bias = as_acc(value_or_undefined(bias_), acc);
+  const Tensor mean = as_acc(mean_, acc);
+  const Tensor scale = as_acc(scale_, acc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_elemt_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    const int V = vector_width(L, sizeof(scalar_t), {x, y});
+    const Plan p = make_plan(L, V, 16);
+    const AffineOp<scalar_t, acc_t> op{x, y, ptr_or_null<acc_t>(weight), ptr_or_null<acc_t>(bias),
+                                       mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(),
+                                       scale_is_var, static_cast<acc_t>(eps)};
+    dispatch_plan<scalar_t>(p, [&](auto vec, auto cl) {
+      launch_map<acc_t, decltype(vec)::value, decltype(cl)::value>(p, op);
+    });
+  });
+  return out;
+}
+
+void check_affine(const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias) {
+  check_channel_tensor(value_or_undefined(weight), "weight", input);
+  check_channel_tensor(value_or_undefined(bias), "bias", input);
+}
+
+Tensor batch_norm_elemt_cuda(const Tensor& input, const c10::optional<Tensor>& weight,
+                             const c10::optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd) {
+  check_input(input);
+  check_affine(input, weight, bias);
+  check_stat_pair(mean, invstd, input);
+  return affine_forward(input, weight, bias, mean, invstd, /*scale_is_var=*/false, 0.0);
+}
+
+Tensor batch_norm_inference_cuda(const Tensor& input, const c10::optional<Tensor>& weight,
+                                 const c10::optional<Tensor>& bias, const Tensor& running_mean,
+                                 const Tensor& running_var, double eps) {
+  check_input(input);
+  check_affine(input, weight, bias);
+  TORCH_CHECK(running_mean.defined() && running_var.defined(),
+              "bnx: batch_norm_inference needs running_mean and running_var");
+  check_running_pair(running_mean, running_var, input);
+  TORCH_CHECK(eps >= 0, "bnx: eps must be non-negative, got ", eps);
+  return affine_forward(input, weight, bias, running_mean, running_var, /*scale_is_var=*/true, eps);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace bnx
+
+TORCH_LIBRARY_IMPL(bnx, CUDA, m) {
+  m.impl("batch_norm_elemt", &bnx::cuda::batch_norm_elemt_cuda);
+  m.impl("batch_norm_inference", &bnx::cuda::batch_norm_inference_cuda);
+}

@@ -1,0 +1,305 @@
+// Launch plan, vector access and the two kernel shapes every bnx CUDA op is made of:
+//  - channel_sums_kernel: per-channel sums of two per-element values, two-level (CTA partials, then a
+//    finalize step), deterministic: every sum is taken in a fixed order, no atomics.
+//  - channel_map_kernel: an elementwise pass where each thread owns fixed channel(s), so its per-channel
+//    coefficients live in registers and no index is divided per element.
+// A thread walks 16-byte vectors of one channel (NCHW: V elements of one plane) or of V adjacent channels
+// (channels-last rows).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../common.h"
+
+namespace bnx {
+namespace cuda {
+
+constexpr int kThreads = 256;
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <int V, typename T>
+__device__ __forceinline__ Vec<T, V> load_vec(const T* __restrict__ p, int64_t offset) {
+  return *reinterpret_cast<const Vec<T, V>*>(p + offset);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_vec(T* __restrict__ p, int64_t offset, const Vec<T, V>& v) {
+  *reinterpret_cast<Vec<T, V>*>(p + offset) = v;
+}
+
+// Per-lane per-channel coefficients of an op (the meaning of a..d is the op's).
+template <typename acc_t, int V>
+struct Coef {
+  acc_t a[V], b[V], c[V], d[V];
+};
+
+// How a launch covers the tensor. "rows" are NCHW batch entries (one plane of S elements per channel)
+// or channels-last rows (C channels each).
+struct Plan {
+  int64_t rows = 0;
+  int64_t C = 0;
+  int64_t S = 1;
+  int64_t vecs_per_row = 0;  // NCHW: S / V; channels-last: C / V
+  int64_t rows_per_split = 0;
+  int64_t grid_x = 0;
+  int64_t splits = 0;
+  int tx = 1, ty = 1;
+  int V = 1;
+  bool channels_last = false;
+  dim3 grid() const { return dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(splits)); }
+  dim3 block() const { return dim3(tx, ty); }
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int pow2_at_least(int64_t v, int cap) {
+  int p = 1;
+  while (p < v && p < cap) p *= 2;
+  return p;
+}
+
+// The widest vector (16 bytes at most) that divides the contiguous run and keeps every pointer aligned.
+inline int vector_width(const Layout& L, int64_t element_size, std::initializer_list<const void*> ptrs) {
+  const int64_t run = L.channels_last ? L.C : L.inner;
+  int V = static_cast<int>(16 / element_size);
+  for (const void* p : ptrs) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) V = 1;
+  }
+  if (run % V != 0) V = 1;
+  return V;
+}
+
+inline int num_sms() {
+  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+// ctas_per_sm: how many 256-thread CTAs per SM the launch aims for (one full wave at 8).
+inline Plan make_plan(const Layout& L, int V, int ctas_per_sm) {
+  Plan p;
+  p.C = L.C;
+  p.S = L.inner;
+  p.V = V;
+  p.channels_last = L.channels_last;
+  if (L.channels_last) {
+    p.rows = L.rows;
+    p.vecs_per_row = L.C / V;
+    p.tx = pow2_at_least(p.vecs_per_row, 32);
+    p.grid_x = ceil_div(p.vecs_per_row, p.tx);
+  } else {
+    p.rows = L.N;
+    p.vecs_per_row = L.inner / V;
+    p.tx = pow2_at_least(p.vecs_per_row, kThreads);
+    p.grid_x = L.C;
+  }
+  p.ty = kThreads / p.tx;
+  const int64_t target = static_cast<int64_t>(num_sms()) * ctas_per_sm;
+  // Each thread should get at least 4 vectors, and each thread-row at least one row.
+  const int64_t vecs_per_thread_row = L.channels_last ? 1 : ceil_div(p.vecs_per_row, p.tx);
+  const int64_t max_by_work = std::max<int64_t>(1, p.rows * vecs_per_thread_row / (4 * p.ty));
+  int64_t splits = std::max<int64_t>(1, ceil_div(target, p.grid_x));
+  splits = std::min({splits, max_by_work, ceil_div(p.rows, p.ty), int64_t(4096)});
+  splits = std::max<int64_t>(splits, 1);
+  p.rows_per_split = ceil_div(p.rows, splits);
+  p.splits = ceil_div(p.rows, p.rows_per_split);
+  return p;
+}
+
+// Calls f(offset) for each vector this thread owns; offset is in elements.
+template <int V, bool CL, typename F>
+__device__ __forceinline__ void for_each_vector(const Plan& p, F&& f) {
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * p.rows_per_split;
+  const int64_t r1 = ::min(p.rows, r0 + p.rows_per_split);
+  if (CL) {
+    const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (cv >= p.vecs_per_row) return;
+    const int64_t col = cv * V;
+#pragma unroll 4
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) f(r * p.C + col);
+  } else {
+    const int64_t c = blockIdx.x;
+    for (int64_t n = r0 + threadIdx.y; n < r1; n += blockDim.y) {
+      const int64_t base = (n * p.C + c) * p.S;
+#pragma unroll 4
+      for (int64_t sv = threadIdx.x; sv < p.vecs_per_row; sv += blockDim.x) f(base + sv * V);
+    }
+  }
+}
+
+// First channel of this thread's lanes (NCHW: the CTA's channel, every lane), and whether it has any.
+template <int V, bool CL>
+__device__ __forceinline__ int64_t lane_channel_base(const Plan& p, bool& active) {
+  if (CL) {
+    const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    active = cv < p.vecs_per_row;
+    return cv * V;
+  }
+  active = true;
+  return blockIdx.x;
+}
+
+template <bool CL>
+__device__ __forceinline__ int64_t lane_channel(int64_t base, int lane) {
+  return CL ? base + lane : base;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Per-channel sums of op's two values. With one split the CTA hands its totals to `fin(c, s1, s2)`;
+// otherwise it writes partial[split][c][2] for finalize_kernel.
+template <typename acc_t, int V, bool CL, typename Op, typename Fin>
+__global__ void __launch_bounds__(kThreads) channel_sums_kernel(Plan p, Op op, Fin fin, acc_t* __restrict__ partial) {
+  __shared__ acc_t smem[kThreads * V * 2];
+  bool active;
+  const int64_t cbase = lane_channel_base<V, CL>(p, active);
+  const Coef<acc_t, V> k = op.template coef<V, CL>(cbase, active);
+  acc_t s1[V], s2[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) s1[i] = s2[i] = acc_t(0);
+  for_each_vector<V, CL>(p, [&](int64_t off) { op.template accumulate<V>(off, k, s1, s2); });
+
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  auto emit = [&](int64_t c, acc_t a, acc_t b) {
+    if (p.splits == 1) {
+      fin(c, a, b);
+    } else {
+      acc_t* out = partial + (static_cast<int64_t>(blockIdx.y) * p.C + c) * 2;
+      out[0] = a;
+      out[1] = b;
+    }
+  };
+  if (!CL) {
+    // Every lane holds the CTA's channel: fold the lanes, then the block.
+    acc_t a = 0, b = 0;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      a += s1[i];
+      b += s2[i];
+    }
+    a = warp_sum(a);
+    b = warp_sum(b);
+    const int warp = tid / 32, lane = tid % 32;
+    if (lane == 0) {
+      smem[warp * 2] = a;
+      smem[warp * 2 + 1] = b;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      constexpr int kWarps = kThreads / 32;
+      a = lane < kWarps ? smem[lane * 2] : acc_t(0);
+      b = lane < kWarps ? smem[lane * 2 + 1] : acc_t(0);
+      a = warp_sum(a);
+      b = warp_sum(b);
+      if (lane == 0) emit(blockIdx.x, a, b);
+    }
+  } else {
+    // Lanes hold different channels: fold over threadIdx.y in a fixed order.
+    const int width = blockDim.x * V;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      smem[(threadIdx.y * width + threadIdx.x * V + i) * 2] = s1[i];
+      smem[(threadIdx.y * width + threadIdx.x * V + i) * 2 + 1] = s2[i];
+    }
+    __syncthreads();
+    if (threadIdx.y == 0 && active) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        acc_t a = 0, b = 0;
+        for (int y = 0; y < blockDim.y; ++y) {
+          a += smem[(y * width + threadIdx.x * V + i) * 2];
+          b += smem[(y * width + threadIdx.x * V + i) * 2 + 1];
+        }
+        emit(cbase + i, a, b);
+      }
+    }
+  }
+}
+
+// Adds the splits' partial sums of each channel in order and hands them to fin.
+template <typename acc_t, typename Fin>
+__global__ void finalize_kernel(const acc_t* __restrict__ partial, int64_t splits, int64_t C, Fin fin) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  acc_t a = 0, b = 0;
+  for (int64_t s = 0; s < splits; ++s) {
+    a += partial[(s * C + c) * 2];
+    b += partial[(s * C + c) * 2 + 1];
+  }
+  fin(c, a, b);
+}
+
+template <typename acc_t, int V, bool CL, typename Op>
+__global__ void __launch_bounds__(kThreads) channel_map_kernel(Plan p, Op op) {
+  bool active;
+  const int64_t cbase = lane_channel_base<V, CL>(p, active);
+  const Coef<acc_t, V> k = op.template coef<V, CL>(cbase, active);
+  for_each_vector<V, CL>(p, [&](int64_t off) { op.template apply<V>(off, k); });
+}
+
+// Runs the sums (and the finalize step when the channel is split across CTAs).
+template <typename acc_t, int V, bool CL, typename Op, typename Fin>
+void launch_sums(const Plan& p, const Op& op, const Fin& fin, const at::Tensor& like) {
+  auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor partial;
+  acc_t* partial_ptr = nullptr;
+  if (p.splits > 1) {
+    partial = at::empty({p.splits, p.C, 2}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    partial_ptr = partial.mutable_data_ptr<acc_t>();
+  }
+  channel_sums_kernel<acc_t, V, CL><<<p.grid(), p.block(), 0, stream>>>(p, op, fin, partial_ptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.splits > 1) {
+    const int threads = 128;
+    finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(p.C, threads)), threads, 0, stream>>>(
+        partial_ptr, p.splits, p.C, fin);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename acc_t, int V, bool CL, typename Op>
+void launch_map(const Plan& p, const Op& op) {
+  channel_map_kernel<acc_t, V, CL><<<p.grid(), p.block(), 0, at::cuda::getCurrentCUDAStream()>>>(p, op);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Calls f(std::integral_constant<int, V>, std::bool_constant<CL>) for the plan's vector width and layout,
+// instantiating only the full 16-byte width and the scalar fallback.
+template <typename scalar_t, typename F>
+void dispatch_plan(const Plan& p, F&& f) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  if (p.channels_last) {
+    if (p.V == kVec) f(std::integral_constant<int, kVec>{}, std::true_type{});
+    else f(std::integral_constant<int, 1>{}, std::true_type{});
+  } else {
+    if (p.V == kVec) f(std::integral_constant<int, kVec>{}, std::false_type{});
+    else f(std::integral_constant<int, 1>{}, std::false_type{});
+  }
+}
+
+// A per-channel tensor as acc_t data (converted only when it has another dtype).
+inline at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc) {
+  if (!t.defined()) return t;
+  return t.scalar_type() == acc && t.is_contiguous() ? t : t.to(acc).contiguous();
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+}  // namespace cuda
+}  // namespace bnx
