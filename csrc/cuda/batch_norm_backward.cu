@@ -35,18 +35,29 @@ struct GradSumsOp {
   }
 
   template <int V>
-  __device__ __forceinline__ void accumulate(int64_t off, const Coef<acc_t, V>& k, acc_t* s1, acc_t* s2) const {
-    const auto xv = load_vec<V>(x, off);
-    const auto gv = load_vec<V>(dy, off);
-    Vec<scalar_t, V> out;
+  __device__ __forceinline__ void accumulate(const int64_t* off, int n, const Coef<acc_t, V>& k, acc_t* s1,
+                                             acc_t* s2) const {
+    Vec<scalar_t, V> xv[kBatch], gv[kBatch];
 #pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const acc_t g = static_cast<acc_t>(gv.v[i]);
-      s1[i] += g;
-      s2[i] += g * (static_cast<acc_t>(xv.v[i]) - k.a[i]);
-      if (kWriteDx) out.v[i] = static_cast<scalar_t>(g * k.b[i]);
+    for (int u = 0; u < kBatch; ++u) {
+      if (u < n) {
+        xv[u] = load_vec<V>(x, off[u]);
+        gv[u] = load_vec<V>(dy, off[u]);
+      }
     }
-    if (kWriteDx) store_vec<V>(dx, off, out);
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (u >= n) break;
+      Vec<scalar_t, V> out;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const acc_t g = static_cast<acc_t>(gv[u].v[i]);
+        s1[i] += g;
+        s2[i] += g * (static_cast<acc_t>(xv[u].v[i]) - k.a[i]);
+        if (kWriteDx) out.v[i] = static_cast<scalar_t>(g * k.b[i]);
+      }
+      if (kWriteDx) store_vec<V>(dx, off[u], out);
+    }
   }
 };
 
@@ -101,16 +112,26 @@ struct BatchGradInputOp {
   }
 
   template <int V>
-  __device__ __forceinline__ void apply(int64_t off, const Coef<acc_t, V>& k) const {
-    const auto xv = load_vec<V>(x, off);
-    const auto gv = load_vec<V>(dy, off);
-    Vec<scalar_t, V> out;
+  __device__ __forceinline__ void apply(const int64_t* off, int n, const Coef<acc_t, V>& k) const {
+    Vec<scalar_t, V> xv[kBatch], gv[kBatch];
 #pragma unroll
-    for (int i = 0; i < V; ++i) {
-      out.v[i] = static_cast<scalar_t>(static_cast<acc_t>(gv.v[i]) * k.a[i] +
-                                       (static_cast<acc_t>(xv.v[i]) - k.d[i]) * k.b[i] + k.c[i]);
+    for (int u = 0; u < kBatch; ++u) {
+      if (u < n) {
+        xv[u] = load_vec<V>(x, off[u]);
+        gv[u] = load_vec<V>(dy, off[u]);
+      }
     }
-    store_vec<V>(dx, off, out);
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (u >= n) break;
+      Vec<scalar_t, V> out;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        out.v[i] = static_cast<scalar_t>(static_cast<acc_t>(gv[u].v[i]) * k.a[i] +
+                                         (static_cast<acc_t>(xv[u].v[i]) - k.d[i]) * k.b[i] + k.c[i]);
+      }
+      store_vec<V>(dx, off[u], out);
+    }
   }
 };
 
@@ -134,12 +155,19 @@ struct FrozenGradInputOp {
   }
 
   template <int V>
-  __device__ __forceinline__ void apply(int64_t off, const Coef<acc_t, V>& k) const {
-    const auto gv = load_vec<V>(dy, off);
-    Vec<scalar_t, V> out;
+  __device__ __forceinline__ void apply(const int64_t* off, int n, const Coef<acc_t, V>& k) const {
+    Vec<scalar_t, V> gv[kBatch];
 #pragma unroll
-    for (int i = 0; i < V; ++i) out.v[i] = static_cast<scalar_t>(static_cast<acc_t>(gv.v[i]) * k.a[i]);
-    store_vec<V>(dx, off, out);
+    for (int u = 0; u < kBatch; ++u)
+      if (u < n) gv[u] = load_vec<V>(dy, off[u]);
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (u >= n) break;
+      Vec<scalar_t, V> out;
+#pragma unroll
+      for (int i = 0; i < V; ++i) out.v[i] = static_cast<scalar_t>(static_cast<acc_t>(gv[u].v[i]) * k.a[i]);
+      store_vec<V>(dx, off[u], out);
+    }
   }
 };
 
@@ -199,7 +227,8 @@ void batch_grad_input(const BackwardArgs& a, const Tensor& weight, const Tensor&
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
     const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    const Plan p = make_plan(a.L, vector_width(a.L, sizeof(scalar_t), {x, dy, dxp}), 16);
+    Plan p = make_plan(a.L, vector_width(a.L, sizeof(scalar_t), {x, dy, dxp}), 16);
+    p.reverse = true;  // follows the gradient sums, whose tail is still in L2
     const BatchGradInputOp<scalar_t, acc_t> op{x, dy, dxp, a.mean.const_data_ptr<acc_t>(), a.invstd.const_data_ptr<acc_t>(),
                                                ptr_or_null<acc_t>(weight), sum_dy.const_data_ptr<acc_t>(),
                                                sum_dy_xmu.const_data_ptr<acc_t>(), acc_t(1) / static_cast<acc_t>(count)};

@@ -42,14 +42,21 @@ struct AffineOp {
   }
 
   template <int V>
-  __device__ __forceinline__ void apply(int64_t off, const Coef<acc_t, V>& k) const {
-    const auto v = load_vec<V>(x, off);
-    Vec<scalar_t, V> out;
+  __device__ __forceinline__ void apply(const int64_t* off, int n, const Coef<acc_t, V>& k) const {
+    Vec<scalar_t, V> v[kBatch];
 #pragma unroll
-    for (int i = 0; i < V; ++i) {
-      out.v[i] = static_cast<scalar_t>((static_cast<acc_t>(v.v[i]) - k.a[i]) * k.b[i] + k.c[i]);
+    for (int u = 0; u < kBatch; ++u)
+      if (u < n) v[u] = load_vec<V>(x, off[u]);
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (u >= n) break;
+      Vec<scalar_t, V> out;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        out.v[i] = static_cast<scalar_t>((static_cast<acc_t>(v[u].v[i]) - k.a[i]) * k.b[i] + k.c[i]);
+      }
+      store_vec<V>(y, off[u], out);
     }
-    store_vec<V>(y, off, out);
   }
 };
 
@@ -70,7 +77,8 @@ Tensor affine_forward(const Tensor& input_, const c10::optional<Tensor>& weight_
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
     const int V = vector_width(L, sizeof(scalar_t), {x, y});
-    const Plan p = make_plan(L, V, 16);
+    Plan p = make_plan(L, V, 16);
+    p.reverse = !scale_is_var;  // training: follows the statistics pass, whose tail is still in L2
     const AffineOp<scalar_t, acc_t> op{x, y, ptr_or_null<acc_t>(weight), ptr_or_null<acc_t>(bias),
                                        mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(),
                                        scale_is_var, static_cast<acc_t>(eps)};

@@ -31,13 +31,21 @@ struct ShiftedMomentsOp {
   }
 
   template <int V>
-  __device__ __forceinline__ void accumulate(int64_t off, const Coef<acc_t, V>& k, acc_t* s1, acc_t* s2) const {
-    const auto v = load_vec<V>(x, off);
+  __device__ __forceinline__ void accumulate(const int64_t* off, int n, const Coef<acc_t, V>& k, acc_t* s1,
+                                             acc_t* s2) const {
+    Vec<scalar_t, V> v[kBatch];
 #pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const acc_t d = static_cast<acc_t>(v.v[i]) - k.a[i];
-      s1[i] += d;
-      s2[i] += d * d;
+    for (int u = 0; u < kBatch; ++u)
+      if (u < n) v[u] = load_vec<V>(x, off[u]);
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (u >= n) break;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const acc_t d = static_cast<acc_t>(v[u].v[i]) - k.a[i];
+        s1[i] += d;
+        s2[i] += d * d;
+      }
     }
   }
 };

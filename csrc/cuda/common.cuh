@@ -56,6 +56,7 @@ struct Plan {
   int tx = 1, ty = 1;
   int V = 1;
   bool channels_last = false;
+  bool reverse = false;  // walk the tiles last to first (see tile_x)
   dim3 grid() const { return dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(splits)); }
   dim3 block() const { return dim3(tx, ty); }
 };
@@ -114,23 +115,64 @@ inline Plan make_plan(const Layout& L, int V, int ctas_per_sm) {
   return p;
 }
 
-// Calls f(offset) for each vector this thread owns; offset is in elements.
+// Vectors a thread handles per batch: all loads of a batch are issued before any use, so several
+// 16-byte loads are in flight per thread (stores to the output cannot be proven not to alias the inputs,
+// which would otherwise serialize load, compute and store).
+constexpr int kBatch = 4;
+
+// The CTA's tile: a sums kernel walks the tensor from its start, the map pass that follows walks it
+// from its end (reverse), so the map pass first reads what the sums pass left in L2.
+__device__ __forceinline__ int64_t tile_x(const Plan& p) {
+  return p.reverse ? p.grid_x - 1 - blockIdx.x : blockIdx.x;
+}
+__device__ __forceinline__ int64_t tile_y(const Plan& p) {
+  return p.reverse ? p.splits - 1 - blockIdx.y : blockIdx.y;
+}
+
+// Calls f(offsets, n) with up to kBatch element offsets of vectors this thread owns (n of them valid).
 template <int V, bool CL, typename F>
-__device__ __forceinline__ void for_each_vector(const Plan& p, F&& f) {
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * p.rows_per_split;
+__device__ __forceinline__ void for_each_batch(const Plan& p, F&& f) {
+  const int64_t r0 = tile_y(p) * p.rows_per_split;
   const int64_t r1 = ::min(p.rows, r0 + p.rows_per_split);
+  int64_t off[kBatch];
   if (CL) {
-    const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    const int64_t cv = tile_x(p) * blockDim.x + threadIdx.x;
     if (cv >= p.vecs_per_row) return;
     const int64_t col = cv * V;
-#pragma unroll 4
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) f(r * p.C + col);
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += static_cast<int64_t>(blockDim.y) * kBatch) {
+      int n = 0;
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t row = r + static_cast<int64_t>(u) * blockDim.y;
+        off[u] = row * p.C + col;
+        n += row < r1 ? 1 : 0;
+      }
+      f(off, n);
+    }
   } else {
-    const int64_t c = blockIdx.x;
-    for (int64_t n = r0 + threadIdx.y; n < r1; n += blockDim.y) {
-      const int64_t base = (n * p.C + c) * p.S;
-#pragma unroll 4
-      for (int64_t sv = threadIdx.x; sv < p.vecs_per_row; sv += blockDim.x) f(base + sv * V);
+    // The thread's vectors are (row, sv) with sv = tx, tx + TX, ... < vecs_per_row in rows r0 + ty, +TY, ...
+    if (threadIdx.x >= p.vecs_per_row) return;
+    const int64_t c = tile_x(p);
+    const int64_t row_step = static_cast<int64_t>(blockDim.y) * p.C * p.S;
+    int64_t row = r0 + threadIdx.y;
+    int64_t base = (row * p.C + c) * p.S;
+    int64_t sv = threadIdx.x;
+    while (row < r1) {
+      int n = 0;
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (row < r1) {
+          off[u] = base + sv * V;
+          ++n;
+          sv += blockDim.x;
+          if (sv >= p.vecs_per_row) {
+            sv = threadIdx.x;
+            row += blockDim.y;
+            base += row_step;
+          }
+        }
+      }
+      f(off, n);
     }
   }
 }
@@ -139,12 +181,12 @@ __device__ __forceinline__ void for_each_vector(const Plan& p, F&& f) {
 template <int V, bool CL>
 __device__ __forceinline__ int64_t lane_channel_base(const Plan& p, bool& active) {
   if (CL) {
-    const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    const int64_t cv = tile_x(p) * blockDim.x + threadIdx.x;
     active = cv < p.vecs_per_row;
     return cv * V;
   }
   active = true;
-  return blockIdx.x;
+  return tile_x(p);
 }
 
 template <bool CL>
@@ -170,14 +212,14 @@ __global__ void __launch_bounds__(kThreads) channel_sums_kernel(Plan p, Op op, F
   acc_t s1[V], s2[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) s1[i] = s2[i] = acc_t(0);
-  for_each_vector<V, CL>(p, [&](int64_t off) { op.template accumulate<V>(off, k, s1, s2); });
+  for_each_batch<V, CL>(p, [&](const int64_t* off, int n) { op.template accumulate<V>(off, n, k, s1, s2); });
 
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   auto emit = [&](int64_t c, acc_t a, acc_t b) {
     if (p.splits == 1) {
       fin(c, a, b);
     } else {
-      acc_t* out = partial + (static_cast<int64_t>(blockIdx.y) * p.C + c) * 2;
+      acc_t* out = partial + (tile_y(p) * p.C + c) * 2;
       out[0] = a;
       out[1] = b;
     }
@@ -204,7 +246,7 @@ __global__ void __launch_bounds__(kThreads) channel_sums_kernel(Plan p, Op op, F
       b = lane < kWarps ? smem[lane * 2 + 1] : acc_t(0);
       a = warp_sum(a);
       b = warp_sum(b);
-      if (lane == 0) emit(blockIdx.x, a, b);
+      if (lane == 0) emit(tile_x(p), a, b);
     }
   } else {
     // Lanes hold different channels: fold over threadIdx.y in a fixed order.
@@ -247,7 +289,7 @@ __global__ void __launch_bounds__(kThreads) channel_map_kernel(Plan p, Op op) {
   bool active;
   const int64_t cbase = lane_channel_base<V, CL>(p, active);
   const Coef<acc_t, V> k = op.template coef<V, CL>(cbase, active);
-  for_each_vector<V, CL>(p, [&](int64_t off) { op.template apply<V>(off, k); });
+  for_each_batch<V, CL>(p, [&](const int64_t* off, int n) { op.template apply<V>(off, n, k); });
 }
 
 // Runs the sums (and the finalize step when the channel is split across CTAs).
