@@ -21,9 +21,16 @@ def output_format(input):
     return torch.contiguous_format
 
 
-def _check_input(input):
+def _check_input(input, **others):
     torch._check(2 <= input.dim() <= 5, lambda: f"bnx: expected 2-D to 5-D input, got {input.dim()}-D")
     torch._check(input.dtype.is_floating_point, lambda: f"bnx: expected floating-point input, got {input.dtype}")
+    # A call that mixes a meta tensor with real ones lands here: check devices as the real kernels do.
+    for name, t in others.items():
+        if t is not None:
+            torch._check(
+                t.device == input.device,
+                lambda: f"bnx: expected {name} on the input's device {input.device}, got it on {t.device}",
+            )
 
 
 def _channel_stats(input):
@@ -36,37 +43,37 @@ def _like_input(input):
 
 @register_fake("bnx::batch_norm_stats")
 def _batch_norm_stats_fake(input, running_mean, running_var, num_batches_tracked, momentum, eps):
-    _check_input(input)
+    _check_input(input, running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked)
     return _channel_stats(input), _channel_stats(input)
 
 
 @register_fake("bnx::batch_norm_elemt")
 def _batch_norm_elemt_fake(input, weight, bias, mean, invstd):
-    _check_input(input)
+    _check_input(input, weight=weight, bias=bias, mean=mean, invstd=invstd)
     return _like_input(input)
 
 
 @register_fake("bnx::batch_norm_inference")
 def _batch_norm_inference_fake(input, weight, bias, running_mean, running_var, eps):
-    _check_input(input)
+    _check_input(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     return _like_input(input)
 
 
 @register_fake("bnx::batch_norm_backward_reduce")
 def _batch_norm_backward_reduce_fake(grad_out, input, mean, invstd):
-    _check_input(input)
+    _check_input(input, grad_out=grad_out, mean=mean, invstd=invstd)
     return _channel_stats(input), _channel_stats(input)
 
 
 @register_fake("bnx::batch_norm_backward_elemt")
 def _batch_norm_backward_elemt_fake(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
-    _check_input(input)
+    _check_input(input, grad_out=grad_out, mean=mean, invstd=invstd, weight=weight, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)
     return _like_input(input)
 
 
 @register_fake("bnx::batch_norm_backward")
 def _batch_norm_backward_fake(grad_out, input, mean, invstd, weight, formula, output_mask):
-    _check_input(input)
+    _check_input(input, grad_out=grad_out, mean=mean, invstd=invstd, weight=weight)
     torch._check(formula in ("batch", "frozen"), lambda: f'bnx: formula must be "batch" or "frozen", got "{formula}"')
     param_dtype = weight.dtype if weight is not None else stat_dtype(input)
     C = input.shape[1]
