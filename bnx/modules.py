@@ -6,6 +6,25 @@ from . import functional as bnx_functional
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
+class _NoBatchStatistics(torch.autograd.Function):
+    """Identity whose backward explains that backward="batch" needs a forward with batch statistics.
+
+    A module built with backward="batch" still evaluates in eval mode (validation loops work); only a
+    gradient through that eval forward is refused, since its statistics are constants."""
+
+    @staticmethod
+    def forward(ctx, output):
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(
+            "bnx: this BatchNorm module has backward='batch', but its forward used the running statistics "
+            "(eval mode), which are constants: there is no gradient through them. Use model.train(), or set "
+            "module.backward = 'frozen' (or None) for gradients of the eval-mode function."
+        )
+
+
 class _BackwardSwitch:
     """Adds the ``backward`` keyword and attribute to a torch BatchNorm class, and routes forward to bnx."""
 
@@ -39,7 +58,8 @@ class _BackwardSwitch:
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Running statistics are passed only when they are to be used or updated.
         track = not self.training or self.track_running_stats
-        return bnx_functional.batch_norm(
+        defer_batch_error = self.backward == "batch" and not use_batch_stats
+        output = bnx_functional.batch_norm(
             input,
             self.running_mean if track else None,
             self.running_var if track else None,
@@ -48,9 +68,12 @@ class _BackwardSwitch:
             use_batch_stats,
             momentum,
             self.eps,
-            backward=self.backward,
+            backward=None if defer_batch_error else self.backward,
             num_batches_tracked=num_batches_tracked,
         )
+        if defer_batch_error and output.requires_grad:
+            output = _NoBatchStatistics.apply(output)
+        return output
 
 
 class BatchNorm1d(_BackwardSwitch, torch.nn.BatchNorm1d):

@@ -1,0 +1,114 @@
+"""Shared fixtures and helpers for the bnx test suite.
+
+Every test is parametrized over devices: "cpu" always, "cuda" when a CUDA device is
+present *and* bnx was built with CUDA kernels (otherwise the cuda cases are skipped).
+"""
+import os
+
+import pytest
+import torch
+
+import bnx  # noqa: F401  (loads the extension and registers torch.ops.bnx)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "large: needs a GPU with lots of memory (>2**31 elements); run with BNX_LARGE_TESTS=1",
+    )
+
+
+def _bnx_has_cuda_kernels():
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return bool(
+            torch._C._dispatch_has_kernel_for_dispatch_key("bnx::batch_norm_elemt", "CUDA")
+        )
+    except Exception:  # pragma: no cover - very old torch
+        return True
+
+
+HAS_CUDA = _bnx_has_cuda_kernels()
+requires_cuda = pytest.mark.skipif(
+    not HAS_CUDA, reason="no CUDA device (or bnx built without CUDA kernels)"
+)
+LARGE_ENABLED = os.environ.get("BNX_LARGE_TESTS") == "1"
+
+# Use DEVICES in @pytest.mark.parametrize("device", DEVICES) or the `device` fixture.
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same RNG state (tests re-seed explicitly where it matters)."""
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _exact_cuda_math():
+    """On GPUs, conv/matmul default to TF32 and nondeterministic algorithms; the CNN tests
+    compare gradients at 1e-4, so use full-precision, deterministic convolutions."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    yield
+    (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved
+
+
+# --------------------------------------------------------------------------------------
+# shape / layout cases
+# --------------------------------------------------------------------------------------
+
+# (name, shape, memory_format); N=3, C=2, tiny spatial sizes (gradcheck-friendly)
+SMALL_LAYOUTS = [
+    ("1d_NC", (3, 2), None),
+    ("1d_NCL", (3, 2, 3), None),
+    ("2d", (3, 2, 2, 3), None),
+    ("2d_cl", (3, 2, 2, 3), torch.channels_last),
+    ("3d", (3, 2, 2, 2, 2), None),
+    ("3d_cl", (3, 2, 2, 2, 2), torch.channels_last_3d),
+]
+
+
+def make_input(shape, dtype=torch.float32, device="cpu", memory_format=None, requires_grad=False,
+               scale=1.0, shift=0.0):
+    x = torch.randn(shape, dtype=torch.float64) * scale + shift
+    x = x.to(device=device, dtype=dtype)
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    if requires_grad:
+        x.requires_grad_()
+    return x
+
+
+def reduce_dims(x):
+    return [0] + list(range(2, x.dim()))
+
+
+def batch_stats(x):
+    """Per-channel batch mean and biased variance, computed in float64."""
+    d = reduce_dims(x)
+    xd = x.detach().double()
+    return xd.mean(d), xd.var(d, unbiased=False)
+
+
+def assert_close(actual, expected, atol, rtol, msg=""):
+    """torch.testing.assert_close with dtype promotion (compare values, not dtypes)."""
+    if actual is None or expected is None:
+        assert actual is None and expected is None, msg
+        return
+    torch.testing.assert_close(
+        actual.detach().double().cpu(), expected.detach().double().cpu(), atol=atol, rtol=rtol,
+        msg=(lambda m: f"{msg}: {m}") if msg else None,
+    )

@@ -1,0 +1,171 @@
+"""CUDA-only execution-model tests (skipped without a GPU / CUDA kernels).
+
+- kernels run on the current stream, and work under CUDA graph capture (no host sync).
+- a >2**31-element tensor (marked `large`, BNX_LARGE_TESTS=1).
+The accuracy / determinism tests (tests/test_numerics.py) run on CUDA too.
+"""
+import pytest
+import torch
+
+import bnx
+from conftest import HAS_CUDA, LARGE_ENABLED, assert_close, requires_cuda
+
+pytestmark = requires_cuda
+ops = torch.ops.bnx
+DEV = "cuda"
+
+
+def _fwd_bwd(x, w, b, gy, formula, rm=None, rv=None):
+    x = x.clone().requires_grad_()
+    w = w.clone().requires_grad_()
+    b = b.clone().requires_grad_()
+    y = bnx.functional.batch_norm(x, rm, rv, w, b, training=True, backward=formula)
+    y.backward(gy)
+    return [y.detach(), x.grad, w.grad, b.grad]
+
+
+def test_runs_on_current_stream():
+    """Kernels are launched on the current stream: work queued behind a long sleep on a side
+    stream is seen by bnx (a kernel on the default stream would read stale data)."""
+    torch.manual_seed(53)
+    shape = (16, 8, 32, 32)
+    old = torch.randn(shape, device=DEV)
+    new = torch.randn(shape, device=DEV) * 3 + 2
+    gy = torch.randn(shape, device=DEV)
+    w, b = torch.rand(8, device=DEV) + 0.5, torch.randn(8, device=DEV)
+    expected = _fwd_bwd(new, w, b, gy, "batch")
+    torch.cuda.synchronize()
+
+    x = old.clone()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(int(2e8))  # ~0.1 s of GPU time on s
+        x.copy_(new)  # happens on s after the sleep
+        got = _fwd_bwd(x, w, b, gy, "batch")
+        mean, invstd = ops.batch_norm_stats(x, None, None, None, 0.1, 1e-5)
+        y_op = ops.batch_norm_elemt(x, w, b, mean, invstd)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    for a, e in zip(got, expected):
+        assert_close(a, e, 1e-5, 1e-5)
+    assert_close(y_op, expected[0], 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "num_batches_tracked"])
+def test_cuda_graph_capture(momentum):
+    """Functional train forward (with running-stat update; momentum=None reads
+    num_batches_tracked on the device) + backward ops captured in a CUDA graph; replay on new
+    data equals eager execution (no host synchronization inside)."""
+    torch.manual_seed(54)
+    shape, C = (8, 6, 16, 16), 6
+    w, b = torch.rand(C, device=DEV) + 0.5, torch.randn(C, device=DEV)
+    static_x = torch.randn(shape, device=DEV)
+    static_gy = torch.randn(shape, device=DEV)
+    rm, rv = torch.zeros(C, device=DEV), torch.ones(C, device=DEV)
+    nbt = torch.tensor(0, device=DEV)
+
+    def body(x, gy, rm, rv, nbt):
+        if momentum is None:
+            nbt.add_(1)
+            y = bnx.functional.batch_norm(x, rm, rv, w, b, training=True, momentum=None,
+                                          num_batches_tracked=nbt)
+        else:
+            y = bnx.functional.batch_norm(x, rm, rv, w, b, training=True, momentum=momentum)
+        mean, invstd = ops.batch_norm_stats(x, None, None, None, 0.1, 1e-5)
+        gi, gw, gb = ops.batch_norm_backward(gy, x, mean, invstd, w, "batch", [True, True, True])
+        return y, gi, gw, gb
+
+    # warm up on a side stream (as recommended for capture)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            body(static_x, static_gy, rm.clone(), rv.clone(), nbt.clone())
+    torch.cuda.current_stream().wait_stream(s)
+
+    g = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(g):
+        static_out = body(static_x, static_gy, rm, rv, nbt)
+
+    # graph state after capture: capture does not execute; reset the stats it would touch
+    rm.zero_(), rv.fill_(1.0), nbt.zero_()
+    e_rm, e_rv, e_nbt = rm.clone(), rv.clone(), nbt.clone()
+    for step in range(3):
+        x = torch.randn(shape, device=DEV) * (step + 1) + step
+        gy = torch.randn(shape, device=DEV)
+        static_x.copy_(x), static_gy.copy_(gy)
+        g.replay()
+        with torch.no_grad():
+            expected = body(x, gy, e_rm, e_rv, e_nbt)
+        torch.cuda.synchronize()
+        for a, e in zip(static_out, expected):
+            assert_close(a, e, 1e-5, 1e-5, f"replay {step}")
+        assert_close(rm, e_rm, 1e-6, 1e-5, "running_mean")
+        assert_close(rv, e_rv, 1e-6, 1e-5, "running_var")
+        assert torch.equal(nbt, e_nbt)
+
+
+# ------------------------------------------------------------------------------ > 2**31 elements
+@pytest.mark.large
+@pytest.mark.skipif(not (HAS_CUDA and LARGE_ENABLED), reason="set BNX_LARGE_TESTS=1 on a GPU")
+def test_more_than_2_31_elements_bf16():
+    """bf16 tensor of 2**31 + 2**20 elements (64-bit indexing): stats, forward and backward on
+    sampled channels, including the tail beyond element 2**31, match chunked references."""
+    torch.manual_seed(55)
+    N, C, H, W = 2, 4, 2 ** 14, 2 ** 14 + 16
+    assert N * C * H * W > 2 ** 31
+    x = torch.empty((N, C, H, W), device=DEV, dtype=torch.bfloat16)
+    for n in range(N):  # keep generation temporaries small
+        for c in range(C):
+            x[n, c].normal_(mean=float(c), std=1.0 + c)
+    w = torch.rand(C, device=DEV) + 0.5
+    b = torch.randn(C, device=DEV)
+    M = N * H * W
+    rows = 2048
+
+    def chunks(t, n, c):
+        for h in range(0, H, rows):
+            yield t[n, c, h:h + rows]
+
+    mean, invstd = ops.batch_norm_stats(x, None, None, None, 0.1, 1e-5)
+    y = ops.batch_norm_elemt(x, w, b, mean, invstd)
+    assert y.shape == x.shape and y.dtype == torch.bfloat16
+
+    sample = [0, C - 1]  # x[1, C-1] ends beyond element 2**31
+    for c in sample:
+        s = sum(ch.double().sum() for n in range(N) for ch in chunks(x, n, c))
+        mu = (s / M).item()
+        ss = sum(((ch.double() - mu) ** 2).sum() for n in range(N) for ch in chunks(x, n, c))
+        var = (ss / M).item()
+        assert abs(mean[c].item() - mu) < 1e-3 * (1 + c)
+        assert abs(1.0 / invstd[c].item() ** 2 - 1e-5 - var) / var < 1e-3
+        istd = (var + 1e-5) ** -0.5
+        for n in range(N):
+            for yc, xc in zip(chunks(y, n, c), chunks(x, n, c)):
+                ref = (xc.double() - mu) * istd * w[c].double() + b[c].double()
+                err = ((yc.double() - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
+                assert err < 2 ** -7, (n, c, err)
+    del y
+    torch.cuda.empty_cache()
+
+    gy = torch.empty_like(x)
+    for n in range(N):
+        for c in range(C):
+            gy[n, c].normal_()
+    gi, gw, gb = ops.batch_norm_backward(gy, x, mean, invstd, w, "batch", [True, True, True])
+    assert gi.shape == x.shape
+    for c in sample:
+        mu, istd = mean[c].double(), invstd[c].double()
+        sdy = sum(ch.double().sum() for n in range(N) for ch in chunks(gy, n, c))
+        sdyx = sum((g.double() * (xc.double() - mu)).sum() for n in range(N)
+                   for g, xc in zip(chunks(gy, n, c), chunks(x, n, c)))
+        assert abs(gb[c].double() - sdy).item() < 1e-3 * M ** 0.5
+        assert abs(gw[c].double() - sdyx * istd).item() < 1e-3 * M ** 0.5
+        n = N - 1
+        for g, xc, gic in list(zip(chunks(gy, n, c), chunks(x, n, c), chunks(gi, n, c)))[-2:]:
+            ref = w[c].double() * istd * (g.double() - sdy / M
+                                          - (xc.double() - mu) * istd ** 2 * sdyx / M)
+            err = ((gic.double() - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
+            assert err < 2 ** -6, (c, err)

@@ -1,0 +1,298 @@
+"""Bad input raises the intended error (type and message); the empty batch behaves like torch."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnx
+from conftest import DEVICES, HAS_CUDA, assert_close
+
+bn_f = bnx.functional.batch_norm
+NDIM_MSG = r"(?i)[0-9]-?D input|dim"  # e.g. "got 6-D input", "expected 2D to 5D input", "ndim"
+
+
+# ------------------------------------------------------------------------------ ndim
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls,bad_shape,msg", [
+    (bnx.BatchNorm1d, (2, 3, 4, 5), "expected 2D or 3D input \\(got 4D input\\)"),
+    (bnx.BatchNorm1d, (3,), "expected 2D or 3D input \\(got 1D input\\)"),
+    (bnx.BatchNorm2d, (2, 3, 4), "expected 4D input \\(got 3D input\\)"),
+    (bnx.BatchNorm2d, (2, 3, 4, 4, 4), "expected 4D input \\(got 5D input\\)"),
+    (bnx.BatchNorm3d, (2, 3, 4, 4), "expected 5D input \\(got 4D input\\)"),
+])
+def test_module_wrong_ndim(device, cls, bad_shape, msg):
+    """Modules reject the wrong ndim with torch's ValueError message."""
+    m = cls(3, device=device)
+    with pytest.raises(ValueError, match=msg):
+        m(torch.randn(bad_shape, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(4,), (2, 2, 2, 2, 2, 2)], ids=["1D", "6D"])
+@pytest.mark.parametrize("training", [True, False])
+def test_functional_wrong_ndim(device, shape, training):
+    """The functional accepts 2 <= ndim <= 5 only."""
+    C = shape[1] if len(shape) > 1 else shape[0]
+    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+    with pytest.raises((ValueError, RuntimeError), match=NDIM_MSG):
+        bn_f(torch.randn(shape, device=device), rm, rv, training=training)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(4,), (2, 2, 2, 2, 2, 2)], ids=["1D", "6D"])
+def test_ops_wrong_ndim(device, shape):
+    """The ops themselves check ndim too."""
+    with pytest.raises(RuntimeError, match=NDIM_MSG):
+        torch.ops.bnx.batch_norm_stats(torch.randn(shape, device=device), None, None, None,
+                                       0.1, 1e-5)
+
+
+# ------------------------------------------------------------------------------ channels
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", ["weight", "bias", "running_mean", "running_var"])
+@pytest.mark.parametrize("training", [True, False])
+def test_functional_channel_mismatch(device, bad, training):
+    """A per-channel tensor of the wrong length is a RuntimeError naming that argument."""
+    C = 3
+    kw = dict(weight=torch.ones(C, device=device), bias=torch.zeros(C, device=device),
+              running_mean=torch.zeros(C, device=device), running_var=torch.ones(C, device=device))
+    kw[bad] = torch.ones(C + 1, device=device)
+    x = torch.randn(4, C, 5, device=device)
+    with pytest.raises(RuntimeError, match=bad):
+        bn_f(x, kw["running_mean"], kw["running_var"], kw["weight"], kw["bias"], training=training)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_channel_mismatch(device):
+    """Module with num_features != input channels raises a RuntimeError naming the parameter."""
+    m = bnx.BatchNorm2d(4, device=device)
+    with pytest.raises(RuntimeError, match="weight|bias|running_mean|running_var"):
+        m(torch.randn(2, 3, 4, 4, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_channel_mismatch(device):
+    """Op-level checks name the offending argument."""
+    x = torch.randn(4, 3, 5, device=device)
+    one, bad = torch.ones(3, device=device), torch.ones(2, device=device)
+    ops = torch.ops.bnx
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.batch_norm_elemt(x, bad, one, one, one)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.batch_norm_elemt(x, one, bad, one, one)
+    with pytest.raises(RuntimeError, match="mean"):
+        ops.batch_norm_elemt(x, one, one, bad, one)
+    with pytest.raises(RuntimeError, match="invstd"):
+        ops.batch_norm_elemt(x, one, one, one, bad)
+    with pytest.raises(RuntimeError, match="running_var"):
+        ops.batch_norm_inference(x, one, one, one, bad, 1e-5)
+    with pytest.raises(RuntimeError, match="running_mean"):
+        ops.batch_norm_stats(x, bad, one.clone(), None, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="invstd"):
+        ops.batch_norm_backward(x, x, one, bad, one, "batch", [True, True, True])
+    with pytest.raises(RuntimeError, match="grad_out"):
+        ops.batch_norm_backward(x[:, :2], x, one, one, one, "batch", [True, True, True])
+
+
+# ------------------------------------------------------------------------------ dtype
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_or_bool_input(device, dtype):
+    """Integer / bool input is rejected with an error naming the dtype."""
+    x = torch.randint(0, 2, (4, 3, 5), device=device).to(dtype)
+    with pytest.raises((TypeError, RuntimeError),
+                       match=r"(?i)dtype|int|long|byte|bool|char|floating"):
+        bn_f(x, None, None, training=True)
+    with pytest.raises((TypeError, RuntimeError),
+                       match=r"(?i)dtype|int|long|byte|bool|char|floating"):
+        bnx.BatchNorm1d(3, device=device)(x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_integer_weight(device):
+    """Integer per-channel tensors are rejected too."""
+    x = torch.randn(4, 3, device=device)
+    with pytest.raises((TypeError, RuntimeError), match=r"(?i)dtype|int|long|floating"):
+        bn_f(x, None, None, torch.ones(3, dtype=torch.long, device=device), training=True)
+
+
+# ------------------------------------------------------------------------------ torch-identical messages
+TORCH_ONE_VALUE = "Expected more than 1 value per channel when training"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1), (1, 3, 1, 1, 1)])
+def test_one_value_per_channel_training(device, shape):
+    """Training with one value per channel: the same ValueError as torch (functional + module)."""
+    x = torch.randn(shape, device=device)
+    with pytest.raises(ValueError, match=TORCH_ONE_VALUE):
+        F.batch_norm(x, None, None, training=True)  # the message we must match
+    with pytest.raises(ValueError, match=TORCH_ONE_VALUE):
+        bn_f(x, None, None, training=True)
+    cls = {2: bnx.BatchNorm1d, 3: bnx.BatchNorm1d, 4: bnx.BatchNorm2d, 5: bnx.BatchNorm3d}
+    with pytest.raises(ValueError, match=TORCH_ONE_VALUE):
+        cls[len(shape)](3, device=device).train()(x)
+    # eval mode with one value is fine
+    m = cls[len(shape)](3, device=device).eval()
+    assert_close(m(x), x / (1 + 1e-5) ** 0.5, 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("which", ["mean_only", "var_only"])
+@pytest.mark.parametrize("training", [True, False])
+def test_running_mean_without_running_var(device, which, training):
+    """Only one of running_mean / running_var: ValueError with torch's message."""
+    x = torch.randn(4, 3, device=device)
+    rm = torch.zeros(3, device=device) if which == "mean_only" else None
+    rv = torch.ones(3, device=device) if which == "var_only" else None
+    msg = "running_mean and running_var must either both be None or neither be None"
+    if training:
+        with pytest.raises(ValueError, match=msg):
+            F.batch_norm(x, rm, rv, training=True)
+    with pytest.raises(ValueError, match=msg):
+        bn_f(x, rm, rv, training=training)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_without_running_stats(device):
+    """training=False needs running statistics (torch raises too)."""
+    x = torch.randn(4, 3, device=device)
+    with pytest.raises((ValueError, RuntimeError), match="running_mean|running_var|running"):
+        bn_f(x, None, None, training=False)
+
+
+# ------------------------------------------------------------------------------ devices
+OTHER_DEVICE = "cuda" if HAS_CUDA else "meta"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", ["weight", "bias", "running_mean", "running_var"])
+def test_tensors_on_different_devices(device, bad):
+    """A per-channel tensor on another device than the input is an error mentioning devices."""
+    other = OTHER_DEVICE if device == "cpu" else "cpu"
+    C = 3
+    kw = dict(weight=torch.ones(C, device=device), bias=torch.zeros(C, device=device),
+              running_mean=torch.zeros(C, device=device), running_var=torch.ones(C, device=device))
+    kw[bad] = kw[bad].to(other)
+    x = torch.randn(4, C, 5, device=device)
+    for training in (True, False):
+        with pytest.raises((RuntimeError, ValueError), match=r"(?i)device"):
+            bn_f(x, kw["running_mean"], kw["running_var"], kw["weight"], kw["bias"],
+                 training=training)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_on_different_devices(device):
+    """The ops check devices as well (CPU input, other-device mean)."""
+    other = OTHER_DEVICE if device == "cpu" else "cpu"
+    x = torch.randn(4, 3, 5, device=device)
+    one = torch.ones(3, device=device)
+    with pytest.raises(RuntimeError, match=r"(?i)device"):
+        torch.ops.bnx.batch_norm_elemt(x, one, one, one.to(other), one)
+    with pytest.raises(RuntimeError, match=r"(?i)device"):
+        torch.ops.bnx.batch_norm_backward(x, x, one, one, one.to(other), "frozen",
+                                          [True, True, True])
+
+
+# ------------------------------------------------------------------------------ backward= / eps
+@pytest.mark.parametrize("device", DEVICES)
+def test_unknown_backward(device):
+    """backward="foo": ValueError listing the valid choices (functional, module, op)."""
+    x = torch.randn(4, 3, device=device)
+    with pytest.raises(ValueError, match="foo") as e:
+        bn_f(x, None, None, training=True, backward="foo")
+    assert "batch" in str(e.value) and "frozen" in str(e.value)
+    with pytest.raises(ValueError, match="foo") as e:
+        m = bnx.BatchNorm1d(3, device=device, backward="foo")
+        m(x)
+    assert "batch" in str(e.value) and "frozen" in str(e.value)
+    m = bnx.BatchNorm1d(3, device=device)
+    with pytest.raises(ValueError, match="foo") as e:
+        m.backward = "foo"
+        m(x)
+    assert "batch" in str(e.value) and "frozen" in str(e.value)
+    with pytest.raises(RuntimeError, match="foo"):
+        one = torch.ones(3, device=device)
+        torch.ops.bnx.batch_norm_backward(x, x, one, one, one, "foo", [True, True, True])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_backward_with_running_stats_rejected(device):
+    """backward="batch" with running statistics (eval forward) is a ValueError explaining it."""
+    x = torch.randn(4, 3, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    with pytest.raises(ValueError, match=r"(?i)running|statistic"):
+        bn_f(x, rm, rv, training=False, backward="batch")
+    # but frozen/None with running stats, and batch in training with running stats, are fine
+    bn_f(x, rm, rv, training=False, backward="frozen")
+    bn_f(x, rm, rv, training=False)
+    bn_f(x, rm, rv, training=True, backward="batch")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("eps", [0.0, -1e-5])
+def test_nonpositive_eps_in_training(device, eps):
+    """eps <= 0 in training is rejected (functional and module)."""
+    x = torch.randn(4, 3, device=device)
+    with pytest.raises((ValueError, RuntimeError), match="eps"):
+        bn_f(x, None, None, training=True, eps=eps)
+    with pytest.raises((ValueError, RuntimeError), match="eps"):
+        bnx.BatchNorm1d(3, eps=eps, device=device).train()(x)
+
+
+# ------------------------------------------------------------------------------ empty batch
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (0, 3, 2, 2), (0, 3, 2, 2, 2),
+                                   (2, 3, 0, 4)], ids=["NC", "NCL", "NCHW", "NCDHW", "H0"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_like_torch(device, shape, momentum, training):
+    """N=0 (or an empty spatial dim): empty output and grad_input, zero grad_weight/grad_bias,
+    running stats unchanged and num_batches_tracked incremented exactly like torch."""
+    cls = {2: (bnx.BatchNorm1d, torch.nn.BatchNorm1d), 3: (bnx.BatchNorm1d, torch.nn.BatchNorm1d),
+           4: (bnx.BatchNorm2d, torch.nn.BatchNorm2d), 5: (bnx.BatchNorm3d, torch.nn.BatchNorm3d)}
+    bcls, tcls = cls[len(shape)]
+    ref = tcls(3, momentum=momentum).to(device)
+    with torch.no_grad():
+        ref.running_mean.normal_()
+        ref.running_var.uniform_(0.5, 2)
+        ref.weight.uniform_(0.5, 1.5)
+    m = bcls(3, momentum=momentum).to(device)
+    m.load_state_dict(ref.state_dict())
+    rm0, rv0 = ref.running_mean.clone(), ref.running_var.clone()
+    outs = []
+    for mod in (m, ref):
+        mod.train(training)
+        x = torch.randn(shape, device=device, requires_grad=True)
+        y = mod(x)
+        y.sum().backward()
+        outs.append((y, x.grad, mod.weight.grad, mod.bias.grad))
+    (y, gx, gw, gb), (ty, tgx, tgw, tgb) = outs
+    assert y.shape == shape and y.numel() == 0 and y.dtype == ty.dtype
+    assert gx.shape == shape
+    assert gw is not None and torch.equal(gw, torch.zeros_like(gw))
+    assert gb is not None and torch.equal(gb, torch.zeros_like(gb))
+    assert torch.equal(gw, tgw) and torch.equal(gb, tgb)
+    assert torch.equal(m.running_mean, rm0) and torch.equal(m.running_var, rv0)
+    assert torch.equal(m.running_mean, ref.running_mean)
+    assert torch.equal(m.running_var, ref.running_var)
+    assert torch.equal(m.num_batches_tracked, ref.num_batches_tracked)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_ops(device):
+    """Op level, M == 0: mean 0, invstd 1/sqrt(eps), running stats untouched, zero reductions."""
+    x = torch.randn(0, 3, 4, device=device)
+    rm, rv = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    mean, invstd = torch.ops.bnx.batch_norm_stats(x, rm, rv, None, 0.1, 1e-4)
+    assert torch.equal(mean, torch.zeros(3, device=device))
+    assert_close(invstd, torch.full((3,), 1e-4 ** -0.5), 1e-6, 1e-6)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    gi, gw, gb = torch.ops.bnx.batch_norm_backward(x, x, mean, invstd, torch.ones(3, device=device),
+                                                   "batch", [True, True, True])
+    assert gi.shape == x.shape
+    assert torch.equal(gw, torch.zeros(3, device=device))
+    assert torch.equal(gb, torch.zeros(3, device=device))
+    sum_dy, sum_dy_xmu = torch.ops.bnx.batch_norm_backward_reduce(x, x, mean, invstd)
+    assert torch.equal(sum_dy, torch.zeros(3, device=device))
+    assert torch.equal(sum_dy_xmu, torch.zeros(3, device=device))
