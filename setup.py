@@ -53,7 +53,7 @@ def cuda_header_dirs():
 
 def make_extension():
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-fopenmp-simd"]
+    cxx_flags = ["-O3", "-fopenmp"]  # at::parallel_for is inline OpenMP: without -fopenmp it runs on one thread
     define_macros = []
     if cuda_wanted():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -70,6 +70,7 @@ def make_extension():
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
             },
+            extra_link_args=["-fopenmp"],
         )
     return cpp_extension.CppExtension(
         "bnx._C",
@@ -77,6 +78,7 @@ def make_extension():
         include_dirs=[os.path.join(HERE, "csrc")],
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
     )
 
 

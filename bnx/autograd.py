@@ -1,4 +1,6 @@
 """The autograd.Function behind bnx: the elementwise pass of batch norm with a switchable backward."""
+import inspect
+
 import torch
 
 FORMULAS = ("batch", "frozen")
@@ -86,3 +88,7 @@ class BatchNormFunction(torch.autograd.Function):
         if grad_bias is not None and grad_bias.dtype != ctx.bias_dtype:
             grad_bias = grad_bias.to(ctx.bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+# Function.apply asks for forward's signature on every call; compute it once.
+BatchNormFunction.forward.__signature__ = inspect.signature(BatchNormFunction.forward)

@@ -1,5 +1,5 @@
 // CPU kernels for the bnx ops. Work is split with at::parallel_for; inner loops run over contiguous memory
-// and are written for the compiler to vectorize (`omp simd`, built with -fopenmp-simd).
+// and are written for the compiler to vectorize (`omp simd`; the build passes -fopenmp).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

@@ -1,0 +1,321 @@
+"""The command line (`python -m bnx explain|check|bench`, benchmarks/bench.py) and bnx.decompose_input_gradient."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnx
+from bnx.explain import decompose_input_gradient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_CUDA = torch.cuda.is_available() and bnx.has_cuda_kernels()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device (or bnx built without CUDA kernels)")
+no_cuda_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")
+
+
+def run_bnx(*args, timeout=300, cmd=None):
+    env = dict(os.environ)
+    env.pop("BNX_DEBUG", None)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = cmd or [sys.executable, "-m", "bnx"]
+    return subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def stderr_lines(p):
+    # torch may warn on import (e.g. about CUDA_HOME) - keep our own lines
+    return [ln for ln in p.stderr.splitlines() if ln.strip() and "cpp_extension" not in ln and "Warning" not in ln]
+
+
+def _num(pattern, text):
+    m = re.search(pattern, text)
+    assert m, f"pattern {pattern!r} not found in output:\n{text}"
+    return float(m.group(1))
+
+
+# --------------------------------------------------------------------------------------------------
+# explain
+# --------------------------------------------------------------------------------------------------
+
+def _check_explain_output(out):
+    assert "Question:" in out and "Answer:" in out
+    # 1. loss and outputs equal, gradients differ before the last BN, equal after
+    assert _num(r"max \|loss difference\|\s*=\s*(\S+)", out) < 1e-10
+    assert _num(r"max \|output difference\|\s*=\s*(\S+)", out) < 1e-10
+    assert re.search(r"conv1\.weight\s+before the last BN\s+\S+\s+differs", out)
+    assert re.search(r"fc\.weight\s+after the last BN\s+\S+\s+equal", out)
+    assert "UNEXPECTED" not in out
+    # 2. bnx reproduces both
+    diffs = re.findall(r"max \|grad diff\| over all parameters = (\S+)\s+-> (EQUAL|DIFFERENT)", out)
+    assert len(diffs) == 2 and all(v == "EQUAL" and float(d) < 1e-10 for d, v in diffs), diffs
+    # 3. the decomposition adds up
+    err = _num(r"decomposition check: max \|direct \+ through_mean \+ through_var - batch grad\| = (\S+)", out)
+    assert err < 1e-10
+    assert "summary: all checks passed" in out
+
+
+def test_explain_default_and_outputs(tmp_path):
+    js, png = tmp_path / "e.json", tmp_path / "e.png"
+    p = run_bnx("explain", "--json", js, "--plot", png)
+    assert p.returncode == 0, p.stderr
+    _check_explain_output(p.stdout)
+    d = json.loads(js.read_text())
+    assert d["all_checks_passed"] is True
+    s1, s2, s3 = d["section1"], d["section2"], d["section3"]
+    assert s1["max_abs_output_diff"] < 1e-10 and s1["pattern_as_expected"]
+    rows = {r["parameter"]: r for r in s1["gradients"]}
+    assert rows["conv1.weight"]["differs"] and rows["conv2.weight"]["differs"]
+    assert not rows["fc.weight"]["differs"] and not rows["fc.bias"]["differs"]
+    assert s2["batch"]["max_abs_grad_diff"] < 1e-10 and s2["frozen"]["max_abs_grad_diff"] < 1e-10
+    assert set(s3["layers"]) == {"bn1", "bn2"}
+    assert s3["max_abs_error"] < 1e-10
+    printed = _num(r"decomposition check: .*= (\S+)", p.stdout)
+    assert abs(printed - s3["max_abs_error"]) <= 1e-3 * max(printed, 1e-300) + 1e-300
+    for layer in s3["layers"].values():
+        assert layer["max_abs_error"] < 1e-10
+        # the decomposition's norms are consistent: ||total|| <= sum of the norms of the terms
+        assert layer["norm_total"] <= layer["norm_direct"] + layer["norm_through_mean"] + layer["norm_through_var"] + 1e-12
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_subcommand_runs_explain():
+    p = run_bnx("--seed", "1", "--batch-size", "4")
+    assert p.returncode == 0, p.stderr
+    _check_explain_output(p.stdout)
+    assert "seed 1" in p.stdout
+
+
+@requires_cuda
+def test_explain_cuda():
+    p = run_bnx("explain", "--device", "cuda")
+    assert p.returncode == 0, p.stderr
+    _check_explain_output(p.stdout)
+
+
+# --------------------------------------------------------------------------------------------------
+# check
+# --------------------------------------------------------------------------------------------------
+
+def _check_check_output(p, device):
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr
+    out = p.stdout
+    assert "gradcheck" in out and "gradgradcheck" in out and "parity" in out
+    assert re.search(r"result: PASS \((\d+)/\1 checks passed on " + device, out), out[-2000:]
+    assert "FAIL" not in out
+    for formula in ("batch", "frozen"):
+        for rank in ("2-D", "3-D", "4-D", "5-D"):
+            assert re.search(rf"{formula}\s+\w+\s+{rank}\s+contiguous", out)
+        assert re.search(rf"{formula}\s+\w+\s+4-D\s+channels_last", out)
+    assert re.search(r"bfloat16\s+4-D\s+channels_last\s+train", out)
+
+
+def test_check_cpu(tmp_path):
+    js = tmp_path / "c.json"
+    p = run_bnx("check", "--device", "cpu", "--json", js)
+    _check_check_output(p, "cpu")
+    d = json.loads(js.read_text())
+    assert d["passed"] is True and all(r["ok"] for r in d["gradcheck"] + d["parity"])
+
+
+@requires_cuda
+def test_check_cuda():
+    _check_check_output(run_bnx("check", "--device", "cuda"), "cuda")
+
+
+# --------------------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------------------
+
+def _check_bench_json(d, shape, passes, layouts):
+    assert d["env"]["device_type"] == "cpu" and d["env"]["torch"] == torch.__version__
+    assert d["copy_gbps"] > 0
+    assert "bench" in d["command"]
+    cases = d["cases"]
+    assert len(cases) == len(passes) * len(layouts)
+    for c in cases:
+        assert c["shape"] == list(shape) and c["pass"] in passes and c["layout"] in layouts
+        assert c["times_us"]["bnx"] > 0 and c["times_us"]["native"] > 0
+        assert c["frac"]["bnx"] > 0 and c["speedup"]["native"] > 0
+        E = 1
+        for s in shape:
+            E *= s
+        factor = {"train_fwd": 2, "train_bwd": 3, "train_fwd_bwd": 5, "eval_fwd": 2, "frozen_bwd_wgrad": 3,
+                  "frozen_bwd_dx": 2, "bnx_train_frozen": 5}[c["pass"]]
+        assert c["compulsory_bytes"] == factor * E * 4
+        frac = c["compulsory_bytes"] / (c["times_us"]["bnx"] * 1e-6) / (d["copy_gbps"] * 1e9)
+        assert abs(frac - c["frac"]["bnx"]) <= 1e-9 * frac
+        assert c["speedup"]["native"] == pytest.approx(c["times_us"]["native"] / c["times_us"]["bnx"])
+        if c["pass"] != "bnx_train_frozen":
+            assert c["max_rel_diff_vs_native"] is not None and c["max_rel_diff_vs_native"] < 1e-3
+    assert d["summary"]["rows"] and d["summary"]["min_frac_bnx"] > 0
+
+
+def test_bench_cpu_quick(tmp_path):
+    js, md, png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
+    shape = (4, 8, 6, 6)
+    p = run_bnx("bench", "--device", "cpu", "--quick", "--shapes", "4,8,6,6", "--reps", "3", "--threads", "1",
+                "--json", js, "--md", md, "--plot", png)
+    assert p.returncode == 0, p.stderr
+    _check_bench_json(json.loads(js.read_text()), shape, set(
+        ["train_fwd", "train_bwd", "train_fwd_bwd", "eval_fwd", "frozen_bwd_wgrad", "frozen_bwd_dx",
+         "bnx_train_frozen"]), {"nchw", "nhwc"})
+    text = md.read_text()
+    assert "| train_fwd_bwd | fp32 | nhwc | 4,8,6,6 |" in text and "copy bandwidth" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert re.search(r"\[1/14\] train_fwd fp32 nchw 4,8,6,6 \.\.\. bnx", p.stderr)
+    assert "min frac (bnx)" in p.stdout and "geomean" in p.stdout
+
+
+def test_bench_script_wrapper(tmp_path):
+    js = tmp_path / "b.json"
+    p = run_bnx("--device", "cpu", "--shapes", "6,4", "--passes", "train_fwd_bwd,eval_fwd", "--reps", "2",
+                "--threads", "1", "--json", js, cmd=[sys.executable, os.path.join(ROOT, "benchmarks", "bench.py")])
+    assert p.returncode == 0, p.stderr
+    # 2-D input: nhwc is skipped
+    _check_bench_json(json.loads(js.read_text()), (6, 4), {"train_fwd_bwd", "eval_fwd"}, {"nchw"})
+
+
+def test_bench_importable():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench as bench_script  # noqa: F401
+        assert callable(bench_script.main)
+    finally:
+        sys.path.pop(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# errors and help
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [
+    ["--bogus"],
+    ["check", "--device", "tpu"],
+    ["bench", "--reps", "x"],
+    ["frobnicate"],
+])
+def test_bad_option_exit_2_one_line(args):
+    p = run_bnx(*args)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    lines = stderr_lines(p)
+    assert len(lines) == 1 and "error" in lines[0], p.stderr
+    assert p.stdout == ""
+
+
+@pytest.mark.parametrize("args", [
+    ["bench", "--device", "cpu", "--dtype", "fp8"],
+    ["bench", "--device", "cpu", "--shapes", "1,2,3,4,5,6"],
+])
+def test_bench_bad_values_exit_2_one_line(args):
+    p = run_bnx(*args)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    lines = stderr_lines(p)
+    assert len(lines) == 1 and "error" in lines[0], p.stderr
+
+
+@no_cuda_only
+@pytest.mark.parametrize("sub", ["explain", "check", "bench"])
+def test_cuda_requested_without_cuda(sub):
+    p = run_bnx(sub, "--device", "cuda")
+    assert p.returncode != 0
+    lines = stderr_lines(p)
+    assert len(lines) == 1 and "CUDA is not available" in lines[0], p.stderr
+
+
+@pytest.mark.parametrize("sub", [[], ["bench"]])
+def test_help(sub):
+    p = run_bnx(*sub, "--help")
+    assert p.returncode == 0 and "usage:" in p.stdout
+    if sub:
+        assert "--device" in p.stdout
+    if sub == ["bench"]:
+        for opt in ("--shapes", "--dtype", "--layout", "--passes", "--quick", "--reps", "--json", "--md",
+                    "--plot", "--threads"):
+            assert opt in p.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# decompose_input_gradient
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,mf", [
+    ((7, 3), None),
+    ((4, 3, 5), None),
+    ((3, 4, 5, 6), None),
+    ((3, 4, 5, 6), torch.channels_last),
+    ((2, 3, 2, 3, 4), torch.channels_last_3d),
+])
+@pytest.mark.parametrize("affine", [True, False])
+def test_decompose_input_gradient(shape, mf, affine):
+    g = torch.Generator().manual_seed(1)
+    C = shape[1]
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    if mf is not None:
+        x, dy = x.contiguous(memory_format=mf), dy.contiguous(memory_format=mf)
+    w = torch.rand(C, generator=g, dtype=torch.float64) + 0.5 if affine else None
+    b = torch.randn(C, generator=g, dtype=torch.float64) if affine else None
+    eps = 1e-3
+
+    d = decompose_input_gradient(x, dy, w, eps)
+    assert set(d) == {"direct", "through_mean", "through_var", "total"}
+    for t in d.values():
+        assert t.shape == x.shape and t.dtype == x.dtype
+        if mf is not None:
+            assert t.is_contiguous(memory_format=mf)
+
+    # the true batch-statistics grad_input
+    xr = x.detach().clone().requires_grad_(True)
+    y = F.batch_norm(xr, None, None, w, b, training=True, eps=eps)
+    (gx_batch,) = torch.autograd.grad(y, xr, dy)
+    torch.testing.assert_close(d["total"], gx_batch, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(d["direct"] + d["through_mean"] + d["through_var"], gx_batch, atol=1e-12, rtol=1e-10)
+
+    # the direct term is the eval-mode grad with running stats = batch stats
+    dims = [0] + list(range(2, x.dim()))
+    rm, rv = x.mean(dims), x.var(dims, unbiased=False)
+    xe = x.detach().clone().requires_grad_(True)
+    ye = F.batch_norm(xe, rm, rv, w, b, training=False, eps=eps)
+    (gx_eval,) = torch.autograd.grad(ye, xe, dy)
+    torch.testing.assert_close(d["direct"], gx_eval, atol=1e-12, rtol=1e-10)
+
+    # through_mean is constant per channel; the batch gradient sums to 0 per channel
+    tm = d["through_mean"]
+    assert torch.allclose(tm, tm.amax(dims, keepdim=True)) and torch.allclose(tm, tm.amin(dims, keepdim=True))
+    assert d["total"].sum(dims).abs().max() < 1e-10
+
+    # and bnx's batch / frozen formulas agree with it
+    xb = x.detach().clone().requires_grad_(True)
+    yb = bnx.functional.batch_norm(xb, None, None, w, b, True, 0.1, eps, backward="batch")
+    torch.testing.assert_close(torch.autograd.grad(yb, xb, dy)[0], d["total"], atol=1e-12, rtol=1e-10)
+    xf = x.detach().clone().requires_grad_(True)
+    yf = bnx.functional.batch_norm(xf, None, None, w, b, True, 0.1, eps, backward="frozen")
+    torch.testing.assert_close(torch.autograd.grad(yf, xf, dy)[0], d["direct"], atol=1e-12, rtol=1e-10)
+
+
+def test_decompose_exported_and_low_precision():
+    assert bnx.decompose_input_gradient is decompose_input_gradient
+    x = torch.randn(8, 4, 5, 5).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(8, 4, 5, 5).to(torch.bfloat16)
+    d = decompose_input_gradient(x, dy, torch.rand(4) + 0.5)
+    assert all(t.dtype == torch.bfloat16 and t.is_contiguous(memory_format=torch.channels_last) for t in d.values())
+    xr = x.float().detach().requires_grad_(True)
+    w = torch.rand(4)
+    d = decompose_input_gradient(x.float(), dy.float(), w)
+    y = F.batch_norm(xr, None, None, w, None, training=True)
+    torch.testing.assert_close(d["total"], torch.autograd.grad(y, xr, dy.float())[0], atol=1e-5, rtol=1e-4)
+
+
+def test_decompose_errors():
+    with pytest.raises(ValueError):
+        decompose_input_gradient(torch.randn(5), torch.randn(5))
+    with pytest.raises(ValueError):
+        decompose_input_gradient(torch.randn(4, 3), torch.randn(4, 2))
+    with pytest.raises(ValueError):
+        decompose_input_gradient(torch.randn(4, 3), torch.randn(4, 3), torch.ones(2))
