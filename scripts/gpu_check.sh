@@ -43,8 +43,10 @@ run_build() {
 
 run_tests() {
   local start=$(date +%s)
+  local workers=""
+  "$PY" -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-8}"
   # SIGINT on timeout: pytest still prints what ran.
-  BNX_LARGE_TESTS=${BNX_LARGE_TESTS:-1} timeout -s INT -k 10 ${TEST_TIMEOUT:-170} "$PY" -m pytest tests -q -rfEs \
+  BNX_LARGE_TESTS=${BNX_LARGE_TESTS:-1} timeout -s INT -k 10 ${TEST_TIMEOUT:-170} "$PY" -m pytest tests -q -rfEs $workers \
     -k "cuda and not compile" -p no:cacheprovider > "$OUT/tests.log" 2>&1
   echo "tests rc=$? in $(( $(date +%s) - start )) s" | tee -a "$OUT/tests.log"
   tail -n 15 "$OUT/tests.log"
