@@ -9,14 +9,15 @@ import torch
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.bnx)
 from . import _meta  # noqa: F401  (fake kernels, for torch.compile)
 from . import functional
-from .autograd import BatchNormFunction
+from .autograd import BatchNormEvalFunction, BatchNormTrainFunction
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
-    "BatchNormFunction",
+    "BatchNormEvalFunction",
+    "BatchNormTrainFunction",
     "functional",
     "decompose_input_gradient",
     "has_cuda_kernels",

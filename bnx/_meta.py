@@ -47,6 +47,19 @@ def _batch_norm_stats_fake(input, running_mean, running_var, num_batches_tracked
     return _channel_stats(input), _channel_stats(input)
 
 
+@register_fake("bnx::batch_norm_train_forward")
+def _batch_norm_train_forward_fake(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
+    _check_input(
+        input,
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_var=running_var,
+        num_batches_tracked=num_batches_tracked,
+    )
+    return _like_input(input), _channel_stats(input), _channel_stats(input)
+
+
 @register_fake("bnx::batch_norm_elemt")
 def _batch_norm_elemt_fake(input, weight, bias, mean, invstd):
     _check_input(input, weight=weight, bias=bias, mean=mean, invstd=invstd)

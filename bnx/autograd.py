@@ -43,52 +43,78 @@ def differentiable_backward(grad_out, input, weight, mean, invstd, eps, formula,
     return grad_input, grad_weight, grad_bias
 
 
-class BatchNormFunction(torch.autograd.Function):
-    """y = (x - mean) * invstd * weight + bias with given statistics, and a choice of backward formula.
+def _backward(ctx, grad_out, input, weight, mean, invstd, formula):
+    needs = (
+        ctx.needs_input_grad[0],
+        weight is not None and ctx.needs_input_grad[1],
+        ctx.bias_dtype is not None and ctx.needs_input_grad[2],
+    )
+    if torch.is_grad_enabled():  # create_graph=True: stay differentiable
+        grad_input, grad_weight, grad_bias = differentiable_backward(
+            grad_out, input, weight, mean, invstd, ctx.eps, formula, needs
+        )
+    else:
+        grads = torch.ops.bnx.batch_norm_backward(grad_out, input, mean, invstd, weight, formula, list(needs))
+        grad_input, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, needs))
+    if grad_bias is not None and grad_bias.dtype != ctx.bias_dtype:
+        grad_bias = grad_bias.to(ctx.bias_dtype)
+    return grad_input, grad_weight, grad_bias
 
-    ``apply(input, weight, bias, mean, scale, eps, formula, running)``:
-    - running=False: ``mean``/``scale`` are the batch mean and invstd (from ``torch.ops.bnx.batch_norm_stats``
-      on the detached input); formula "batch" differentiates through them, "frozen" does not.
-    - running=True: ``mean``/``scale`` are running_mean/running_var (constants); formula must be "frozen".
-    """
+
+class BatchNormTrainFunction(torch.autograd.Function):
+    """Training forward (batch statistics, running statistics updated in place) with a choice of backward.
+
+    ``apply(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, formula)``
+    returns ``(output, mean, invstd)``; mean and invstd are not differentiable outputs. ``formula`` "batch"
+    differentiates through the batch statistics, "frozen" treats them as constants."""
 
     @staticmethod
-    def forward(input, weight, bias, mean, scale, eps, formula, running):
-        if running:
-            return torch.ops.bnx.batch_norm_inference(input, weight, bias, mean, scale, eps)
-        return torch.ops.bnx.batch_norm_elemt(input, weight, bias, mean, scale)
+    def forward(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, formula):
+        return torch.ops.bnx.batch_norm_train_forward(
+            input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, mean, scale, eps, formula, running = inputs
-        ctx.save_for_backward(input, weight, mean, scale)
-        ctx.eps, ctx.formula, ctx.running = eps, formula, running
-        ctx.has_bias = bias is not None
+        input, weight, bias = inputs[:3]
+        _, mean, invstd = output
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.eps, ctx.formula = inputs[7], inputs[8]
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_invstd):
+        input, weight, mean, invstd = ctx.saved_tensors
+        grads = _backward(ctx, grad_out, input, weight, mean, invstd, ctx.formula)
+        return grads + (None,) * 6
+
+
+class BatchNormEvalFunction(torch.autograd.Function):
+    """Eval forward with the running statistics (constants), so its backward is the frozen formula.
+
+    ``apply(input, weight, bias, running_mean, running_var, eps)``."""
+
+    @staticmethod
+    def forward(input, weight, bias, running_mean, running_var, eps):
+        return torch.ops.bnx.batch_norm_inference(input, weight, bias, running_mean, running_var, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, running_mean, running_var, eps = inputs
+        ctx.save_for_backward(input, weight, running_mean, running_var)
+        ctx.eps = eps
         ctx.bias_dtype = bias.dtype if bias is not None else None
 
     @staticmethod
     def backward(ctx, grad_out):
-        input, weight, mean, scale = ctx.saved_tensors
-        if ctx.running:
-            acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-            mean, invstd = mean.to(acc), torch.rsqrt(scale.to(acc) + ctx.eps)
-        else:
-            invstd = scale
-        needs = (
-            ctx.needs_input_grad[0],
-            weight is not None and ctx.needs_input_grad[1],
-            ctx.has_bias and ctx.needs_input_grad[2],
-        )
-        if torch.is_grad_enabled():  # create_graph=True: stay differentiable
-            grads = differentiable_backward(grad_out, input, weight, mean, invstd, ctx.eps, ctx.formula, needs)
-        else:
-            grads = torch.ops.bnx.batch_norm_backward(grad_out, input, mean, invstd, weight, ctx.formula, list(needs))
-            grads = tuple(g if need else None for g, need in zip(grads, needs))
-        grad_input, grad_weight, grad_bias = grads
-        if grad_bias is not None and grad_bias.dtype != ctx.bias_dtype:
-            grad_bias = grad_bias.to(ctx.bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        input, weight, running_mean, running_var = ctx.saved_tensors
+        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        mean, invstd = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + ctx.eps)
+        grads = _backward(ctx, grad_out, input, weight, mean, invstd, "frozen")
+        return grads + (None,) * 3
 
 
 # Function.apply asks for forward's signature on every call; compute it once.
-BatchNormFunction.forward.__signature__ = inspect.signature(BatchNormFunction.forward)
+for _function in (BatchNormTrainFunction, BatchNormEvalFunction):
+    _function.forward.__signature__ = inspect.signature(_function.forward)

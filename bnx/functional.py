@@ -1,7 +1,7 @@
 """bnx.functional.batch_norm: torch.nn.functional.batch_norm with a choice of backward formula."""
 import torch
 
-from .autograd import FORMULAS, BatchNormFunction
+from .autograd import FORMULAS, BatchNormEvalFunction, BatchNormTrainFunction
 
 __all__ = ["batch_norm", "resolve_backward"]
 
@@ -107,15 +107,14 @@ def batch_norm(
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     formula = resolve_backward(backward, training)
     if not training:
-        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, eps, formula, True)
+        return BatchNormEvalFunction.apply(input, weight, bias, running_mean, running_var, eps)
     if momentum is None:
         if running_mean is not None and num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         momentum = 0.0
     if num_batches_tracked is not None and running_mean is None:
         num_batches_tracked = None
-    # The statistics op is not differentiated: BatchNormFunction's backward accounts for them.
-    mean, invstd = torch.ops.bnx.batch_norm_stats(
-        input.detach(), running_mean, running_var, num_batches_tracked, float(momentum), float(eps)
+    output, _, _ = BatchNormTrainFunction.apply(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, float(momentum), float(eps), formula
     )
-    return BatchNormFunction.apply(input, weight, bias, mean, invstd, eps, formula, False)
+    return output

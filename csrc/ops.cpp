@@ -16,6 +16,11 @@ TORCH_LIBRARY(bnx, m) {
   m.def(
       "batch_norm_stats(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "Tensor? num_batches_tracked, float momentum, float eps) -> (Tensor, Tensor)");
+  // The whole training forward (statistics, running-statistics update, normalize) in one op, so a
+  // backend can schedule the two passes together: -> (output, mean, invstd).
+  m.def(
+      "batch_norm_train_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor? num_batches_tracked, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
   // y = (x - mean) * invstd * weight + bias.
   m.def(
       "batch_norm_elemt(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd) -> Tensor");

@@ -169,3 +169,38 @@ def test_more_than_2_31_elements_bf16():
                                           - (xc.double() - mu) * istd ** 2 * sdyx / M)
             err = ((gic.double() - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
             assert err < 2 ** -6, (c, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(6, 5, 7, 9), (4, 7, 16, 16), (3, 4, 5, 6, 8)])
+@pytest.mark.parametrize("group_bytes", ["1", "3000"])
+def test_channel_groups_match_reference(monkeypatch, dtype, shape, group_bytes):
+    """NCHW data larger than L2 is walked in channel groups (statistics then normalize per group, sums
+    then grad_input per group). Forcing tiny groups (one channel; a few channels, not dividing C) must
+    give the same outputs, running stats and gradients as the float64 reference, both formulas."""
+    monkeypatch.setenv("BNX_L2_GROUP_BYTES", group_bytes)
+    torch.manual_seed(7)
+    C = shape[1]
+    x = (torch.randn(shape, device=DEV) * 2 + 1).to(dtype)
+    gy = torch.randn(shape, device=DEV).to(dtype)
+    w, b = torch.rand(C, device=DEV) + 0.5, torch.randn(C, device=DEV)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    for formula in ("batch", "frozen"):
+        rm, rv = torch.zeros(C, device=DEV), torch.ones(C, device=DEV)
+        got = _fwd_bwd(x, w, b, gy, formula, rm, rv)
+        xd = x.double().cpu().requires_grad_()
+        wd, bd = w.double().cpu().requires_grad_(), b.double().cpu().requires_grad_()
+        rmd, rvd = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+        if formula == "batch":
+            yd = torch.nn.functional.batch_norm(xd, rmd, rvd, wd, bd, True, 0.1, 1e-5)
+        else:  # eval-mode function with the batch statistics as constants
+            dims = [0] + list(range(2, x.dim()))
+            mean, var = xd.detach().mean(dims), xd.detach().var(dims, unbiased=False)
+            yd = torch.nn.functional.batch_norm(xd, mean, var, wd, bd, False, 0.1, 1e-5)
+            torch.nn.functional.batch_norm(xd.detach(), rmd, rvd, None, None, True, 0.1, 1e-5)
+        yd.backward(gy.double().cpu())
+        for g, r, name in zip(got, [yd.detach(), xd.grad, wd.grad, bd.grad], ["y", "dx", "dw", "db"]):
+            scale = r.abs().max().clamp_min(1)
+            torch.testing.assert_close(g.double().cpu() / scale, r / scale, **tol, msg=f"{formula} {name}")
+        torch.testing.assert_close(rm.double().cpu(), rmd, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(rv.double().cpu(), rvd, atol=1e-3, rtol=1e-3)

@@ -15,6 +15,7 @@ from conftest import DEVICES, make_input
 ops = torch.ops.bnx
 COVERED = {
     "bnx::batch_norm_stats",
+    "bnx::batch_norm_train_forward",
     "bnx::batch_norm_elemt",
     "bnx::batch_norm_inference",
     "bnx::batch_norm_backward_reduce",
@@ -82,6 +83,22 @@ def test_opcheck_batch_norm_stats(device, layout, dtype_case, running):
     else:
         args = (x, rm, rv, torch.tensor(3, device=device), 0.1, 1e-5)
     opcheck(ops.batch_norm_stats.default, args)
+
+
+@params
+@pytest.mark.parametrize("running", ["none", "momentum", "num_batches_tracked"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_opcheck_batch_norm_train_forward(device, layout, dtype_case, running, affine):
+    """The fused training forward, with and without (in-place updated) running stats."""
+    x, gy, w, b, rm, rv, mean, invstd = _setup(device, layout, dtype_case)
+    w, b = (w, b) if affine else (None, None)
+    if running == "none":
+        args = (x, w, b, None, None, None, 0.1, 1e-5)
+    elif running == "momentum":
+        args = (x, w, b, rm, rv, None, 0.1, 1e-5)
+    else:
+        args = (x, w, b, rm, rv, torch.tensor(3, device=device), 0.1, 1e-5)
+    opcheck(ops.batch_norm_train_forward.default, args)
 
 
 @params

@@ -260,6 +260,18 @@ Tensor batch_norm_inference_cpu(const Tensor& input_, const c10::optional<Tensor
   return affine_map(input, L, value_or_undefined(weight), value_or_undefined(bias), running_mean.to(dt), invstd);
 }
 
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_forward_cpu(
+    const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+    const c10::optional<Tensor>& num_batches_tracked, double momentum, double eps) {
+  check_input(input);
+  check_affine(input, weight, bias);
+  auto [mean, invstd] = batch_norm_stats_cpu(input, running_mean, running_var, num_batches_tracked, momentum, eps);
+  const Layout L = layout_of(input);
+  Tensor out = affine_map(dense_as(input, L.format), L, value_or_undefined(weight), value_or_undefined(bias), mean, invstd);
+  return {out, mean, invstd};
+}
+
 // Per-channel sum(dy) and sum(dy * (x - mean)); when dx_scale is given, also writes dx = dx_scale[c] * dy
 // in the same pass (the frozen-statistics backward).
 template <typename scalar_t, typename opmath_t>
@@ -404,6 +416,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
 
 TORCH_LIBRARY_IMPL(bnx, CPU, m) {
   m.impl("batch_norm_stats", &bnx::batch_norm_stats_cpu);
+  m.impl("batch_norm_train_forward", &bnx::batch_norm_train_forward_cpu);
   m.impl("batch_norm_elemt", &bnx::batch_norm_elemt_cpu);
   m.impl("batch_norm_inference", &bnx::batch_norm_inference_cpu);
   m.impl("batch_norm_backward_reduce", &bnx::batch_norm_backward_reduce_cpu);

@@ -15,6 +15,7 @@ using at::Tensor;
 // Sums dy and dy * (x - mean); with kWriteDx also writes dx = weight * invstd * dy (frozen formula).
 template <typename scalar_t, typename acc_t, bool kWriteDx>
 struct GradSumsOp {
+  using scalar_type = scalar_t;
   const scalar_t* __restrict__ x;
   const scalar_t* __restrict__ dy;
   scalar_t* __restrict__ dx;
@@ -34,19 +35,19 @@ struct GradSumsOp {
     return k;
   }
 
-  template <int V>
+  template <int V, int B>
   __device__ __forceinline__ void accumulate(const int64_t* off, int n, const Coef<acc_t, V>& k, acc_t* s1,
                                              acc_t* s2) const {
-    Vec<scalar_t, V> xv[kBatch], gv[kBatch];
+    Vec<scalar_t, V> xv[B], gv[B];
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
+    for (int u = 0; u < B; ++u) {
       if (u < n) {
         xv[u] = load_vec<V>(x, off[u]);
         gv[u] = load_vec<V>(dy, off[u]);
       }
     }
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
+    for (int u = 0; u < B; ++u) {
       if (u >= n) break;
       Vec<scalar_t, V> out;
 #pragma unroll
@@ -81,6 +82,7 @@ struct GradFinalize {
 // dx = weight * invstd * (dy - sum_dy / M - (x - mean) * invstd^2 * sum_dy_xmu / M)
 template <typename scalar_t, typename acc_t>
 struct BatchGradInputOp {
+  using scalar_type = scalar_t;
   const scalar_t* __restrict__ x;
   const scalar_t* __restrict__ dy;
   scalar_t* __restrict__ dx;
@@ -111,18 +113,18 @@ struct BatchGradInputOp {
     return k;
   }
 
-  template <int V>
+  template <int V, int B>
   __device__ __forceinline__ void apply(const int64_t* off, int n, const Coef<acc_t, V>& k) const {
-    Vec<scalar_t, V> xv[kBatch], gv[kBatch];
+    Vec<scalar_t, V> xv[B], gv[B];
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
+    for (int u = 0; u < B; ++u) {
       if (u < n) {
         xv[u] = load_vec<V>(x, off[u]);
         gv[u] = load_vec<V>(dy, off[u]);
       }
     }
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
+    for (int u = 0; u < B; ++u) {
       if (u >= n) break;
       Vec<scalar_t, V> out;
 #pragma unroll
@@ -138,6 +140,7 @@ struct BatchGradInputOp {
 // dx = weight * invstd * dy
 template <typename scalar_t, typename acc_t>
 struct FrozenGradInputOp {
+  using scalar_type = scalar_t;
   const scalar_t* __restrict__ dy;
   scalar_t* __restrict__ dx;
   const acc_t* __restrict__ invstd;
@@ -154,14 +157,14 @@ struct FrozenGradInputOp {
     return k;
   }
 
-  template <int V>
+  template <int V, int B>
   __device__ __forceinline__ void apply(const int64_t* off, int n, const Coef<acc_t, V>& k) const {
-    Vec<scalar_t, V> gv[kBatch];
+    Vec<scalar_t, V> gv[B];
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u)
+    for (int u = 0; u < B; ++u)
       if (u < n) gv[u] = load_vec<V>(dy, off[u]);
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
+    for (int u = 0; u < B; ++u) {
       if (u >= n) break;
       Vec<scalar_t, V> out;
 #pragma unroll
@@ -202,6 +205,7 @@ void gradient_sums(const BackwardArgs& a, const Tensor& weight, const Tensor& dx
     scalar_t* dxp = dx.defined() ? dx.mutable_data_ptr<scalar_t>() : nullptr;
     const int V = dx.defined() ? vector_width(a.L, sizeof(scalar_t), {x, dy, dxp}) : vector_width(a.L, sizeof(scalar_t), {x, dy});
     const Plan p = make_plan(a.L, V, 8);
+    const Tensor workspace = partial_workspace<acc_t>(p, a.input);
     auto out = [](const Tensor& t) { return t.defined() ? t.mutable_data_ptr<acc_t>() : nullptr; };
     const GradFinalize<acc_t> fin{out(sum_dy), out(sum_dy_xmu), out(grad_weight), out(grad_bias),
                                   a.invstd.const_data_ptr<acc_t>()};
@@ -212,9 +216,9 @@ void gradient_sums(const BackwardArgs& a, const Tensor& weight, const Tensor& dx
       constexpr int kV = decltype(vec)::value;
       constexpr bool kCL = decltype(cl)::value;
       if (dxp != nullptr) {
-        launch_sums<acc_t, kV, kCL>(p, GradSumsOp<scalar_t, acc_t, true>{x, dy, dxp, mean, w, invstd}, fin, a.input);
+        launch_sums<acc_t, kV, kCL>(p, GradSumsOp<scalar_t, acc_t, true>{x, dy, dxp, mean, w, invstd}, fin, workspace);
       } else {
-        launch_sums<acc_t, kV, kCL>(p, GradSumsOp<scalar_t, acc_t, false>{x, dy, nullptr, mean, w, invstd}, fin, a.input);
+        launch_sums<acc_t, kV, kCL>(p, GradSumsOp<scalar_t, acc_t, false>{x, dy, nullptr, mean, w, invstd}, fin, workspace);
       }
     });
   });
@@ -235,6 +239,47 @@ void batch_grad_input(const BackwardArgs& a, const Tensor& weight, const Tensor&
     dispatch_plan<scalar_t>(p, [&](auto vec, auto cl) {
       launch_map<acc_t, decltype(vec)::value, decltype(cl)::value>(p, op);
     });
+  });
+}
+
+// The batch-statistics backward: gradient sums, then grad_input from them. NCHW data larger than the L2
+// cache is walked in channel groups (sums then grad_input per group) so the second pass reads x and dy
+// back from L2.
+void batch_backward(const BackwardArgs& a, const Tensor& weight, const Tensor& dx, const Tensor& grad_weight,
+                    const Tensor& grad_bias) {
+  const auto acc_options = a.input.options().dtype(a.acc);
+  Tensor sum_dy = at::empty({a.L.C}, acc_options), sum_dy_xmu = at::empty({a.L.C}, acc_options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = a.input.const_data_ptr<scalar_t>();
+    const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.defined() ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+    const int V = dxp != nullptr ? vector_width(a.L, sizeof(scalar_t), {x, dy, dxp})
+                                 : vector_width(a.L, sizeof(scalar_t), {x, dy});
+    auto out = [](const Tensor& t) { return t.defined() ? t.mutable_data_ptr<acc_t>() : nullptr; };
+    const GradFinalize<acc_t> fin{out(sum_dy), out(sum_dy_xmu), out(grad_weight), out(grad_bias),
+                                  a.invstd.const_data_ptr<acc_t>()};
+    const acc_t* mean = a.mean.const_data_ptr<acc_t>();
+    const acc_t* invstd = a.invstd.const_data_ptr<acc_t>();
+    const acc_t* w = ptr_or_null<acc_t>(weight);
+    const GradSumsOp<scalar_t, acc_t, false> sums_op{x, dy, nullptr, mean, w, invstd};
+    const BatchGradInputOp<scalar_t, acc_t> dx_op{x, dy, dxp, mean, invstd, w, sum_dy.const_data_ptr<acc_t>(),
+                                                  sum_dy_xmu.const_data_ptr<acc_t>(),
+                                                  acc_t(1) / static_cast<acc_t>(a.L.rows)};
+    const int64_t C = a.L.C;
+    const int64_t group = dxp != nullptr ? channel_group_size(a.L, 2 * a.L.rows * static_cast<int64_t>(sizeof(scalar_t))) : C;
+    const Plan widest = make_plan(a.L, V, 8, 0, C % group == 0 ? group : C % group);
+    const Tensor workspace = partial_workspace<acc_t>(widest, a.input);
+    for (int64_t c0 = 0; c0 < C; c0 += group) {
+      const int64_t count = std::min(group, C - c0);
+      const Plan ps = make_plan(a.L, V, 8, c0, count);
+      Plan pm = make_plan(a.L, V, 16, c0, count);
+      pm.reverse = true;  // start where the sums pass ended: that data is still in L2
+      dispatch_plan<scalar_t>(ps, [&](auto vec, auto cl) {
+        launch_sums<acc_t, decltype(vec)::value, decltype(cl)::value>(ps, sums_op, fin, workspace);
+        if (dxp != nullptr) launch_map<acc_t, decltype(vec)::value, decltype(cl)::value>(pm, dx_op);
+      });
+    }
   });
 }
 
@@ -298,10 +343,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
     grad_bias.zero_();
   } else if (formula == Formula::Batch) {
     if (output_mask[0] || output_mask[1] || output_mask[2]) {
-      Tensor sum_dy = at::empty({a.L.C}, acc_options), sum_dy_xmu = at::empty({a.L.C}, acc_options);
-      gradient_sums(a, weight, Tensor(), sum_dy, sum_dy_xmu, output_mask[1] ? grad_weight : Tensor(),
-                    output_mask[2] ? grad_bias : Tensor());
-      if (output_mask[0]) batch_grad_input(a, weight, sum_dy, sum_dy_xmu, a.L.rows, grad_input);
+      batch_backward(a, weight, output_mask[0] ? grad_input : Tensor(), output_mask[1] ? grad_weight : Tensor(),
+                     output_mask[2] ? grad_bias : Tensor());
     }
   } else if (output_mask[1] || output_mask[2]) {
     gradient_sums(a, weight, output_mask[0] ? grad_input : Tensor(), Tensor(), Tensor(),

@@ -3,62 +3,13 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include "common.cuh"
+#include "forward_ops.cuh"
 
 namespace bnx {
 namespace cuda {
 namespace {
 
 using at::Tensor;
-
-// y = (x - mean) * (weight * invstd) + bias; with scale_is_var, invstd = 1 / sqrt(scale + eps).
-template <typename scalar_t, typename acc_t>
-struct AffineOp {
-  const scalar_t* __restrict__ x;
-  scalar_t* __restrict__ y;
-  const acc_t* __restrict__ weight;
-  const acc_t* __restrict__ bias;
-  const acc_t* __restrict__ mean;
-  const acc_t* __restrict__ scale;
-  bool scale_is_var;
-  acc_t eps;
-
-  template <int V, bool CL>
-  __device__ Coef<acc_t, V> coef(int64_t cbase, bool active) const {
-    Coef<acc_t, V> k;
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const int64_t c = lane_channel<CL>(cbase, i);
-      if (!active) {
-        k.a[i] = k.b[i] = k.c[i] = acc_t(0);
-        continue;
-      }
-      const acc_t invstd = scale_is_var ? acc_t(1) / ::sqrt(scale[c] + eps) : scale[c];
-      k.a[i] = mean[c];
-      k.b[i] = (weight != nullptr ? weight[c] : acc_t(1)) * invstd;
-      k.c[i] = bias != nullptr ? bias[c] : acc_t(0);
-    }
-    return k;
-  }
-
-  template <int V>
-  __device__ __forceinline__ void apply(const int64_t* off, int n, const Coef<acc_t, V>& k) const {
-    Vec<scalar_t, V> v[kBatch];
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u)
-      if (u < n) v[u] = load_vec<V>(x, off[u]);
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      if (u >= n) break;
-      Vec<scalar_t, V> out;
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        out.v[i] = static_cast<scalar_t>((static_cast<acc_t>(v[u].v[i]) - k.a[i]) * k.b[i] + k.c[i]);
-      }
-      store_vec<V>(y, off[u], out);
-    }
-  }
-};
 
 Tensor affine_forward(const Tensor& input_, const c10::optional<Tensor>& weight_, const c10::optional<Tensor>& bias_,
                       const Tensor& mean_, const Tensor& scale_, bool scale_is_var, double eps) {

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "../common.h"
 
@@ -57,6 +58,7 @@ struct Plan {
   int V = 1;
   bool channels_last = false;
   bool reverse = false;  // walk the tiles last to first (see tile_x)
+  int64_t c_begin = 0;   // NCHW: first channel of this launch (channel groups, see channel_group_size)
   dim3 grid() const { return dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(splits)); }
   dim3 block() const { return dim3(tx, ty); }
 };
@@ -69,15 +71,18 @@ inline int pow2_at_least(int64_t v, int cap) {
   return p;
 }
 
-// The widest vector (16 bytes at most) that divides the contiguous run and keeps every pointer aligned.
+// The widest vector of 16 or 8 bytes (or one element) that divides the contiguous run (plane or row) and
+// keeps every pointer aligned.
 inline int vector_width(const Layout& L, int64_t element_size, std::initializer_list<const void*> ptrs) {
   const int64_t run = L.channels_last ? L.C : L.inner;
-  int V = static_cast<int>(16 / element_size);
-  for (const void* p : ptrs) {
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) V = 1;
+  for (int64_t bytes : {16, 8}) {
+    const int64_t V = bytes / element_size;
+    if (V < 2 || run % V != 0) continue;
+    bool aligned = true;
+    for (const void* p : ptrs) aligned = aligned && reinterpret_cast<uintptr_t>(p) % bytes == 0;
+    if (aligned) return static_cast<int>(V);
   }
-  if (run % V != 0) V = 1;
-  return V;
+  return 1;
 }
 
 inline int num_sms() {
@@ -85,8 +90,10 @@ inline int num_sms() {
 }
 
 // ctas_per_sm: how many 256-thread CTAs per SM the launch aims for (one full wave at 8).
-inline Plan make_plan(const Layout& L, int V, int ctas_per_sm) {
+// c_begin / c_count: NCHW launches may cover a group of channels only.
+inline Plan make_plan(const Layout& L, int V, int ctas_per_sm, int64_t c_begin = 0, int64_t c_count = -1) {
   Plan p;
+  if (c_count < 0) c_count = L.C;
   p.C = L.C;
   p.S = L.inner;
   p.V = V;
@@ -100,7 +107,8 @@ inline Plan make_plan(const Layout& L, int V, int ctas_per_sm) {
     p.rows = L.N;
     p.vecs_per_row = L.inner / V;
     p.tx = pow2_at_least(p.vecs_per_row, kThreads);
-    p.grid_x = L.C;
+    p.grid_x = c_count;
+    p.c_begin = c_begin;
   }
   p.ty = kThreads / p.tx;
   const int64_t target = static_cast<int64_t>(num_sms()) * ctas_per_sm;
@@ -115,10 +123,14 @@ inline Plan make_plan(const Layout& L, int V, int ctas_per_sm) {
   return p;
 }
 
-// Vectors a thread handles per batch: all loads of a batch are issued before any use, so several
-// 16-byte loads are in flight per thread (stores to the output cannot be proven not to alias the inputs,
-// which would otherwise serialize load, compute and store).
-constexpr int kBatch = 4;
+// Vectors a thread handles per batch: all loads of a batch are issued before any use, so about 64 bytes
+// per input are in flight per thread (stores to the output cannot be proven not to alias the inputs,
+// which would otherwise serialize load, compute and store). Narrow vectors get deeper batches.
+template <typename scalar_t, int V>
+constexpr int batch_depth() {
+  constexpr int depth = 64 / static_cast<int>(V * sizeof(scalar_t));
+  return depth < 4 ? 4 : (depth > 16 ? 16 : depth);
+}
 
 // The CTA's tile: a sums kernel walks the tensor from its start, the map pass that follows walks it
 // from its end (reverse), so the map pass first reads what the sums pass left in L2.
@@ -129,20 +141,20 @@ __device__ __forceinline__ int64_t tile_y(const Plan& p) {
   return p.reverse ? p.splits - 1 - blockIdx.y : blockIdx.y;
 }
 
-// Calls f(offsets, n) with up to kBatch element offsets of vectors this thread owns (n of them valid).
-template <int V, bool CL, typename F>
+// Calls f(offsets, n) with up to B element offsets of vectors this thread owns (n of them valid).
+template <int V, int B, bool CL, typename F>
 __device__ __forceinline__ void for_each_batch(const Plan& p, F&& f) {
   const int64_t r0 = tile_y(p) * p.rows_per_split;
   const int64_t r1 = ::min(p.rows, r0 + p.rows_per_split);
-  int64_t off[kBatch];
+  int64_t off[B];
   if (CL) {
     const int64_t cv = tile_x(p) * blockDim.x + threadIdx.x;
     if (cv >= p.vecs_per_row) return;
     const int64_t col = cv * V;
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += static_cast<int64_t>(blockDim.y) * kBatch) {
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += static_cast<int64_t>(blockDim.y) * B) {
       int n = 0;
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
+      for (int u = 0; u < B; ++u) {
         const int64_t row = r + static_cast<int64_t>(u) * blockDim.y;
         off[u] = row * p.C + col;
         n += row < r1 ? 1 : 0;
@@ -152,7 +164,7 @@ __device__ __forceinline__ void for_each_batch(const Plan& p, F&& f) {
   } else {
     // The thread's vectors are (row, sv) with sv = tx, tx + TX, ... < vecs_per_row in rows r0 + ty, +TY, ...
     if (threadIdx.x >= p.vecs_per_row) return;
-    const int64_t c = tile_x(p);
+    const int64_t c = p.c_begin + tile_x(p);
     const int64_t row_step = static_cast<int64_t>(blockDim.y) * p.C * p.S;
     int64_t row = r0 + threadIdx.y;
     int64_t base = (row * p.C + c) * p.S;
@@ -160,7 +172,7 @@ __device__ __forceinline__ void for_each_batch(const Plan& p, F&& f) {
     while (row < r1) {
       int n = 0;
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
+      for (int u = 0; u < B; ++u) {
         if (row < r1) {
           off[u] = base + sv * V;
           ++n;
@@ -186,7 +198,7 @@ __device__ __forceinline__ int64_t lane_channel_base(const Plan& p, bool& active
     return cv * V;
   }
   active = true;
-  return tile_x(p);
+  return p.c_begin + tile_x(p);
 }
 
 template <bool CL>
@@ -212,7 +224,8 @@ __global__ void __launch_bounds__(kThreads) channel_sums_kernel(Plan p, Op op, F
   acc_t s1[V], s2[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) s1[i] = s2[i] = acc_t(0);
-  for_each_batch<V, CL>(p, [&](const int64_t* off, int n) { op.template accumulate<V>(off, n, k, s1, s2); });
+  constexpr int B = batch_depth<typename Op::scalar_type, V>();
+  for_each_batch<V, B, CL>(p, [&](const int64_t* off, int n) { op.template accumulate<V, B>(off, n, k, s1, s2); });
 
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   auto emit = [&](int64_t c, acc_t a, acc_t b) {
@@ -246,7 +259,7 @@ __global__ void __launch_bounds__(kThreads) channel_sums_kernel(Plan p, Op op, F
       b = lane < kWarps ? smem[lane * 2 + 1] : acc_t(0);
       a = warp_sum(a);
       b = warp_sum(b);
-      if (lane == 0) emit(tile_x(p), a, b);
+      if (lane == 0) emit(p.c_begin + tile_x(p), a, b);
     }
   } else {
     // Lanes hold different channels: fold over threadIdx.y in a fixed order.
@@ -273,9 +286,10 @@ __global__ void __launch_bounds__(kThreads) channel_sums_kernel(Plan p, Op op, F
 
 // Adds the splits' partial sums of each channel in order and hands them to fin.
 template <typename acc_t, typename Fin>
-__global__ void finalize_kernel(const acc_t* __restrict__ partial, int64_t splits, int64_t C, Fin fin) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
+__global__ void finalize_kernel(const acc_t* __restrict__ partial, int64_t splits, int64_t C, int64_t c_begin,
+                                int64_t c_count, Fin fin) {
+  const int64_t c = c_begin + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= c_begin + c_count) return;
   acc_t a = 0, b = 0;
   for (int64_t s = 0; s < splits; ++s) {
     a += partial[(s * C + c) * 2];
@@ -289,27 +303,46 @@ __global__ void __launch_bounds__(kThreads) channel_map_kernel(Plan p, Op op) {
   bool active;
   const int64_t cbase = lane_channel_base<V, CL>(p, active);
   const Coef<acc_t, V> k = op.template coef<V, CL>(cbase, active);
-  for_each_batch<V, CL>(p, [&](const int64_t* off, int n) { op.template apply<V>(off, n, k); });
+  constexpr int B = batch_depth<typename Op::scalar_type, V>();
+  for_each_batch<V, B, CL>(p, [&](const int64_t* off, int n) { op.template apply<V, B>(off, n, k); });
 }
 
-// Runs the sums (and the finalize step when the channel is split across CTAs).
+// Workspace for the partial sums of every split of every channel (sized for the largest plan it serves).
+template <typename acc_t>
+at::Tensor partial_workspace(const Plan& p, const at::Tensor& like) {
+  if (p.splits <= 1) return at::Tensor();
+  return at::empty({p.splits, p.C, 2}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// Runs the sums (and the finalize step when the channel is split across CTAs). `workspace` must come
+// from partial_workspace for a plan with at least p.splits splits.
 template <typename acc_t, int V, bool CL, typename Op, typename Fin>
-void launch_sums(const Plan& p, const Op& op, const Fin& fin, const at::Tensor& like) {
+void launch_sums(const Plan& p, const Op& op, const Fin& fin, const at::Tensor& workspace) {
   auto stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor partial;
-  acc_t* partial_ptr = nullptr;
-  if (p.splits > 1) {
-    partial = at::empty({p.splits, p.C, 2}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    partial_ptr = partial.mutable_data_ptr<acc_t>();
-  }
-  channel_sums_kernel<acc_t, V, CL><<<p.grid(), p.block(), 0, stream>>>(p, op, fin, partial_ptr);
+  acc_t* partial = p.splits > 1 ? workspace.mutable_data_ptr<acc_t>() : nullptr;
+  TORCH_INTERNAL_ASSERT(p.splits <= 1 || workspace.numel() >= p.splits * p.C * 2, "bnx: workspace too small");
+  channel_sums_kernel<acc_t, V, CL><<<p.grid(), p.block(), 0, stream>>>(p, op, fin, partial);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.splits > 1) {
     const int threads = 128;
-    finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(p.C, threads)), threads, 0, stream>>>(
-        partial_ptr, p.splits, p.C, fin);
+    const int64_t c_begin = CL ? 0 : p.c_begin;
+    const int64_t c_count = CL ? p.C : p.grid_x;
+    finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(c_count, threads)), threads, 0, stream>>>(
+        partial, p.splits, p.C, c_begin, c_count, fin);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+}
+
+// NCHW passes that read the same data twice (statistics then normalize; gradient sums then grad_input)
+// walk the channels in groups whose data fits in half the L2 cache, so the second pass reads from L2
+// instead of DRAM. `bytes_per_channel` counts every tensor both passes read. BNX_L2_GROUP_BYTES overrides
+// the budget (0 turns grouping off). Channels-last data interleaves channels, so it is never grouped.
+inline int64_t channel_group_size(const Layout& L, int64_t bytes_per_channel) {
+  if (L.channels_last || L.C <= 1 || bytes_per_channel <= 0) return L.C;
+  int64_t budget = at::cuda::getCurrentDeviceProperties()->l2CacheSize / 2;
+  if (const char* env = std::getenv("BNX_L2_GROUP_BYTES")) budget = std::atoll(env);
+  if (budget <= 0 || bytes_per_channel * L.C <= 2 * budget) return L.C;
+  return std::max<int64_t>(1, budget / bytes_per_channel);
 }
 
 template <typename acc_t, int V, bool CL, typename Op>
@@ -318,18 +351,26 @@ void launch_map(const Plan& p, const Op& op) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Calls f(std::integral_constant<int, V>, std::bool_constant<CL>) for the plan's vector width and layout,
-// instantiating only the full 16-byte width and the scalar fallback.
+// Calls f(std::integral_constant<int, V>, std::bool_constant<CL>) for the plan's vector width (16 bytes,
+// 8 bytes or one element) and layout.
+template <typename scalar_t, typename CL, typename F>
+void dispatch_width(const Plan& p, F&& f) {
+  constexpr int kVec16 = 16 / sizeof(scalar_t);
+  constexpr int kVec8 = 8 / sizeof(scalar_t) > 1 ? 8 / sizeof(scalar_t) : 1;
+  if (p.V == kVec16) {
+    f(std::integral_constant<int, kVec16>{}, CL{});
+  } else if (kVec8 > 1 && p.V == kVec8) {
+    f(std::integral_constant<int, kVec8>{}, CL{});
+  } else {
+    TORCH_INTERNAL_ASSERT(p.V == 1, "bnx: unexpected vector width ", p.V);
+    f(std::integral_constant<int, 1>{}, CL{});
+  }
+}
+
 template <typename scalar_t, typename F>
 void dispatch_plan(const Plan& p, F&& f) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  if (p.channels_last) {
-    if (p.V == kVec) f(std::integral_constant<int, kVec>{}, std::true_type{});
-    else f(std::integral_constant<int, 1>{}, std::true_type{});
-  } else {
-    if (p.V == kVec) f(std::integral_constant<int, kVec>{}, std::false_type{});
-    else f(std::integral_constant<int, 1>{}, std::false_type{});
-  }
+  if (p.channels_last) dispatch_width<scalar_t, std::true_type>(p, f);
+  else dispatch_width<scalar_t, std::false_type>(p, f);
 }
 
 // A per-channel tensor as acc_t data (converted only when it has another dtype).

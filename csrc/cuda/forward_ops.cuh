@@ -1,0 +1,134 @@
+// The per-element functors of the forward passes (statistics and normalize), shared by the forward ops.
+#pragma once
+
+#include "common.cuh"
+
+namespace bnx {
+namespace cuda {
+
+// Sums of d = x - shift and d^2, where shift is the channel's first element: shifting by a sample keeps
+// the variance free of the cancellation that plain sums of x and x^2 suffer at large means.
+template <typename scalar_t, typename acc_t>
+struct ShiftedMomentsOp {
+  using scalar_type = scalar_t;
+  const scalar_t* __restrict__ x;
+  int64_t S;  // plane size (NCHW); the first element of channel c is x[c * S] (NCHW) or x[c] (rows)
+
+  template <int V, bool CL>
+  __device__ Coef<acc_t, V> coef(int64_t cbase, bool active) const {
+    Coef<acc_t, V> k;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int64_t c = lane_channel<CL>(cbase, i);
+      k.a[i] = active ? static_cast<acc_t>(x[CL ? c : c * S]) : acc_t(0);
+    }
+    return k;
+  }
+
+  template <int V, int B>
+  __device__ __forceinline__ void accumulate(const int64_t* off, int n, const Coef<acc_t, V>& k, acc_t* s1,
+                                             acc_t* s2) const {
+    Vec<scalar_t, V> v[B];
+#pragma unroll
+    for (int u = 0; u < B; ++u)
+      if (u < n) v[u] = load_vec<V>(x, off[u]);
+#pragma unroll
+    for (int u = 0; u < B; ++u) {
+      if (u >= n) break;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const acc_t d = static_cast<acc_t>(v[u].v[i]) - k.a[i];
+        s1[i] += d;
+        s2[i] += d * d;
+      }
+    }
+  }
+};
+
+// Turns a channel's shifted sums into mean and invstd, and updates the running statistics:
+// r = (1 - f) * r + f * value with f = momentum, or 1 / num_batches_tracked when that is given.
+template <typename scalar_t, typename acc_t>
+struct MomentsFinalize {
+  const scalar_t* __restrict__ x;
+  int64_t S;
+  bool channels_last;
+  int64_t count;
+  double eps;
+  double momentum;
+  const int64_t* __restrict__ num_batches_tracked;
+  acc_t* __restrict__ mean;
+  acc_t* __restrict__ invstd;
+  acc_t* __restrict__ running_mean;
+  acc_t* __restrict__ running_var;
+
+  __device__ void operator()(int64_t c, acc_t s1, acc_t s2) const {
+    const acc_t shift = static_cast<acc_t>(x[channels_last ? c : c * S]);
+    const acc_t n = static_cast<acc_t>(count);
+    const acc_t d = s1 / n;
+    const acc_t var = ::max(s2 / n - d * d, acc_t(0));
+    const acc_t m = shift + d;
+    mean[c] = m;
+    invstd[c] = acc_t(1) / ::sqrt(var + static_cast<acc_t>(eps));
+    if (running_mean != nullptr) {
+      const acc_t f = num_batches_tracked != nullptr
+                          ? acc_t(1) / static_cast<acc_t>(*num_batches_tracked)
+                          : static_cast<acc_t>(momentum);
+      const acc_t unbiased = var * n / (n - acc_t(1));
+      running_mean[c] = (acc_t(1) - f) * running_mean[c] + f * m;
+      running_var[c] = (acc_t(1) - f) * running_var[c] + f * unbiased;
+    }
+  }
+};
+
+// y = (x - mean) * (weight * invstd) + bias; with scale_is_var, invstd = 1 / sqrt(scale + eps).
+template <typename scalar_t, typename acc_t>
+struct AffineOp {
+  using scalar_type = scalar_t;
+  const scalar_t* __restrict__ x;
+  scalar_t* __restrict__ y;
+  const acc_t* __restrict__ weight;
+  const acc_t* __restrict__ bias;
+  const acc_t* __restrict__ mean;
+  const acc_t* __restrict__ scale;
+  bool scale_is_var;
+  acc_t eps;
+
+  template <int V, bool CL>
+  __device__ Coef<acc_t, V> coef(int64_t cbase, bool active) const {
+    Coef<acc_t, V> k;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int64_t c = lane_channel<CL>(cbase, i);
+      if (!active) {
+        k.a[i] = k.b[i] = k.c[i] = acc_t(0);
+        continue;
+      }
+      const acc_t invstd = scale_is_var ? acc_t(1) / ::sqrt(scale[c] + eps) : scale[c];
+      k.a[i] = mean[c];
+      k.b[i] = (weight != nullptr ? weight[c] : acc_t(1)) * invstd;
+      k.c[i] = bias != nullptr ? bias[c] : acc_t(0);
+    }
+    return k;
+  }
+
+  template <int V, int B>
+  __device__ __forceinline__ void apply(const int64_t* off, int n, const Coef<acc_t, V>& k) const {
+    Vec<scalar_t, V> v[B];
+#pragma unroll
+    for (int u = 0; u < B; ++u)
+      if (u < n) v[u] = load_vec<V>(x, off[u]);
+#pragma unroll
+    for (int u = 0; u < B; ++u) {
+      if (u >= n) break;
+      Vec<scalar_t, V> out;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        out.v[i] = static_cast<scalar_t>((static_cast<acc_t>(v[u].v[i]) - k.a[i]) * k.b[i] + k.c[i]);
+      }
+      store_vec<V>(y, off[u], out);
+    }
+  }
+};
+
+}  // namespace cuda
+}  // namespace bnx
