@@ -1,4 +1,4 @@
-// Shared argument checks and layout description for the bnx kernels (CPU and CUDA).
+// Layout description and argument checks shared by the bnx kernels (CPU and CUDA).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -32,16 +32,6 @@ inline at::MemoryFormat output_format(const at::Tensor& input) {
   return at::MemoryFormat::Contiguous;
 }
 
-inline void check_input(const at::Tensor& input, const char* name = "input") {
-  TORCH_CHECK(input.defined(), "bnx: ", name, " is undefined");
-  TORCH_CHECK(input.dim() >= 2 && input.dim() <= 5, "bnx: expected ", name,
-              " of shape (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), got ", input.dim(),
-              "-D ", name, " of shape ", input.sizes());
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()) && input.scalar_type() != at::kFloat8_e4m3fn,
-              "bnx: expected ", name, " of dtype float64, float32, float16 or bfloat16, got ",
-              input.scalar_type());
-}
-
 inline Layout layout_of(const at::Tensor& input) {
   Layout L;
   L.N = input.size(0);
@@ -65,55 +55,33 @@ inline at::ScalarType stat_dtype(const at::Tensor& input) {
   return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// A per-channel tensor (weight, bias, running stats, mean, invstd, sums): 1-D, C elements, floating, on
-// the input's device.
-inline void check_channel_tensor(const at::Tensor& t, const char* name, const at::Tensor& input) {
-  if (!t.defined()) return;
-  TORCH_CHECK(t.device() == input.device(), "bnx: expected ", name, " on the input's device ",
-              input.device(), ", got it on ", t.device());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "bnx: expected ", name,
-              " to be a floating-point tensor, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == input.size(1), "bnx: ", name,
-              " should contain ", input.size(1), " elements (one per channel of input of shape ",
-              input.sizes(), "), got shape ", t.sizes());
-}
-
-inline void check_same_shape(const at::Tensor& a, const char* name_a, const at::Tensor& b,
-                             const char* name_b) {
-  TORCH_CHECK(a.sizes() == b.sizes(), "bnx: ", name_a, " of shape ", a.sizes(),
-              " must have the shape of ", name_b, " ", b.sizes());
-  TORCH_CHECK(a.device() == b.device(), "bnx: ", name_a, " is on ", a.device(), " but ", name_b,
-              " is on ", b.device());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "bnx: ", name_a, " has dtype ", a.scalar_type(),
-              " but ", name_b, " has dtype ", b.scalar_type());
-}
-
 enum class Formula { Batch, Frozen };
 
-inline Formula parse_formula(c10::string_view formula) {
-  if (formula == "batch") return Formula::Batch;
-  if (formula == "frozen") return Formula::Frozen;
-  TORCH_CHECK(false, "bnx: formula must be \"batch\" or \"frozen\", got \"", std::string(formula), "\"");
-}
-
-// Checks shared by every op's entry point; returns the layout the kernels walk.
-inline void check_stat_pair(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& input) {
-  TORCH_CHECK(mean.defined() && invstd.defined(), "bnx: mean and invstd must be given");
-  check_channel_tensor(mean, "mean", input);
-  check_channel_tensor(invstd, "invstd", input);
-}
-
-inline void check_running_pair(const c10::optional<at::Tensor>& running_mean,
-                               const c10::optional<at::Tensor>& running_var, const at::Tensor& input) {
-  const bool has_mean = running_mean.has_value() && running_mean->defined();
-  const bool has_var = running_var.has_value() && running_var->defined();
-  TORCH_CHECK(has_mean == has_var,
-              "bnx: running_mean and running_var must either both be given or both be None");
-  if (has_mean) {
-    check_channel_tensor(*running_mean, "running_mean", input);
-    check_channel_tensor(*running_var, "running_var", input);
-  }
-}
+// Argument checks, shared by the CPU and CUDA ops. They live in checks.cpp, compiled by the host
+// compiler alone: error messages that print tensor sizes crashed when built into the CUDA objects.
+void check_input(const at::Tensor& input, const char* name = "input");
+// A per-channel tensor (weight, bias, running stats, mean, invstd, sums): 1-D, C elements, floating, on
+// the input's device. Undefined tensors pass.
+void check_channel_tensor(const at::Tensor& t, const char* name, const at::Tensor& input);
+void check_same_shape(const at::Tensor& a, const char* name_a, const at::Tensor& b, const char* name_b);
+Formula parse_formula(c10::string_view formula);
+void check_stat_pair(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& input);
+void check_running_pair(const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+                        const at::Tensor& input);
+void check_affine(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                  const c10::optional<at::Tensor>& bias);
+// batch_norm_stats / batch_norm_train_forward: input, running statistics, num_batches_tracked, eps, and
+// more than one value per channel when the running statistics are updated.
+void check_stats_args(const at::Tensor& input, const c10::optional<at::Tensor>& running_mean,
+                      const c10::optional<at::Tensor>& running_var,
+                      const c10::optional<at::Tensor>& num_batches_tracked, double eps);
+void check_inference_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                          const at::Tensor& running_var, double eps);
+// grad_out / input / mean / invstd of the backward ops.
+void check_backward_args(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                         const at::Tensor& invstd);
+void check_count(int64_t count);
 
 inline at::Tensor value_or_undefined(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? *t : at::Tensor();

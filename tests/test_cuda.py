@@ -173,12 +173,10 @@ def test_more_than_2_31_elements_bf16():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(6, 5, 7, 9), (4, 7, 16, 16), (3, 4, 5, 6, 8)])
-@pytest.mark.parametrize("group_bytes", ["1", "3000"])
-def test_channel_groups_match_reference(monkeypatch, dtype, shape, group_bytes):
-    """NCHW data larger than L2 is walked in channel groups (statistics then normalize per group, sums
-    then grad_input per group). Forcing tiny groups (one channel; a few channels, not dividing C) must
-    give the same outputs, running stats and gradients as the float64 reference, both formulas."""
-    monkeypatch.setenv("BNX_L2_GROUP_BYTES", group_bytes)
+def test_fused_passes_match_reference(dtype, shape):
+    """The fused training forward (statistics, running stats, normalize walking in reverse) and the fused
+    backward (sums, then grad_input) on odd shapes (odd plane sizes take the narrow-vector paths) give the
+    float64 reference's outputs, running stats and gradients, both formulas."""
     torch.manual_seed(7)
     C = shape[1]
     x = (torch.randn(shape, device=DEV) * 2 + 1).to(dtype)

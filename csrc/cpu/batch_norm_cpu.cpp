@@ -155,20 +155,11 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input_, const c10:
                                                 const c10::optional<Tensor>& running_var,
                                                 const c10::optional<Tensor>& num_batches_tracked,
                                                 double momentum, double eps) {
-  check_input(input_);
-  check_running_pair(running_mean, running_var, input_);
+  check_stats_args(input_, running_mean, running_var, num_batches_tracked, eps);
   const Tensor nbt = value_or_undefined(num_batches_tracked);
-  if (nbt.defined()) {
-    TORCH_CHECK(nbt.numel() == 1 && nbt.device() == input_.device(),
-                "bnx: num_batches_tracked must be a one-element tensor on the input's device, got shape ",
-                nbt.sizes(), " on ", nbt.device());
-  }
-  TORCH_CHECK(eps > 0, "bnx: eps must be positive when computing batch statistics, got ", eps);
   const Layout L = layout_of(input_);
   const Tensor input = dense_as(input_, L.format);
   const bool update = running_mean.has_value() && running_mean->defined();
-  TORCH_CHECK(!update || L.rows != 1, "Expected more than 1 value per channel when training, got input size ",
-              input_.sizes());
   Tensor mean, invstd;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_stats_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -230,11 +221,6 @@ Tensor affine_map(const Tensor& input, const Layout& L, const Tensor& weight, co
   return out;
 }
 
-void check_affine(const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias) {
-  check_channel_tensor(value_or_undefined(weight), "weight", input);
-  check_channel_tensor(value_or_undefined(bias), "bias", input);
-}
-
 Tensor batch_norm_elemt_cpu(const Tensor& input_, const c10::optional<Tensor>& weight,
                             const c10::optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd) {
   check_input(input_);
@@ -248,11 +234,7 @@ Tensor batch_norm_elemt_cpu(const Tensor& input_, const c10::optional<Tensor>& w
 Tensor batch_norm_inference_cpu(const Tensor& input_, const c10::optional<Tensor>& weight,
                                 const c10::optional<Tensor>& bias, const Tensor& running_mean,
                                 const Tensor& running_var, double eps) {
-  check_input(input_);
-  check_affine(input_, weight, bias);
-  check_running_pair(running_mean, running_var, input_);
-  TORCH_CHECK(running_mean.defined(), "bnx: batch_norm_inference needs running_mean and running_var");
-  TORCH_CHECK(eps >= 0, "bnx: eps must be non-negative, got ", eps);
+  check_inference_args(input_, weight, bias, running_mean, running_var, eps);
   const Layout L = layout_of(input_);
   const Tensor input = dense_as(input_, L.format);
   const auto dt = stat_dtype(input);
@@ -301,11 +283,9 @@ struct BackwardArgs {
   Tensor grad_out, input;
 };
 
-BackwardArgs check_backward_args(const Tensor& grad_out_, const Tensor& input_, const Tensor& mean,
-                                 const Tensor& invstd) {
-  check_input(input_);
-  check_same_shape(grad_out_, "grad_out", input_, "input");
-  check_stat_pair(mean, invstd, input_);
+BackwardArgs prepare_backward(const Tensor& grad_out_, const Tensor& input_, const Tensor& mean,
+                              const Tensor& invstd) {
+  check_backward_args(grad_out_, input_, mean, invstd);
   BackwardArgs a;
   a.L = layout_of(input_);
   a.input = dense_as(input_, a.L.format);
@@ -315,7 +295,7 @@ BackwardArgs check_backward_args(const Tensor& grad_out_, const Tensor& input_, 
 
 std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cpu(const Tensor& grad_out_, const Tensor& input_,
                                                           const Tensor& mean, const Tensor& invstd) {
-  const BackwardArgs a = check_backward_args(grad_out_, input_, mean, invstd);
+  const BackwardArgs a = prepare_backward(grad_out_, input_, mean, invstd);
   Tensor sum_dy, sum_dy_xmu;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_reduce_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -360,11 +340,11 @@ Tensor batch_grad_input(const BackwardArgs& a, const Tensor& weight, const Tenso
 Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_out_, const Tensor& input_, const Tensor& mean,
                                      const Tensor& invstd, const c10::optional<Tensor>& weight,
                                      const Tensor& sum_dy, const Tensor& sum_dy_xmu, int64_t count) {
-  const BackwardArgs a = check_backward_args(grad_out_, input_, mean, invstd);
+  const BackwardArgs a = prepare_backward(grad_out_, input_, mean, invstd);
   check_channel_tensor(value_or_undefined(weight), "weight", input_);
   check_channel_tensor(sum_dy, "sum_dy", input_);
   check_channel_tensor(sum_dy_xmu, "sum_dy_xmu", input_);
-  TORCH_CHECK(count >= 0, "bnx: count must be non-negative, got ", count);
+  check_count(count);
   return batch_grad_input(a, value_or_undefined(weight), mean, invstd, sum_dy, sum_dy_xmu, count);
 }
 
@@ -373,7 +353,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
                                                            const c10::optional<Tensor>& weight_,
                                                            c10::string_view formula_,
                                                            std::array<bool, 3> output_mask) {
-  const BackwardArgs a = check_backward_args(grad_out_, input_, mean, invstd);
+  const BackwardArgs a = prepare_backward(grad_out_, input_, mean, invstd);
   const Tensor weight = value_or_undefined(weight_);
   check_channel_tensor(weight, "weight", input_);
   const Formula formula = parse_formula(formula_);

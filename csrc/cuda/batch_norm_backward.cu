@@ -181,9 +181,7 @@ struct BackwardArgs {
 };
 
 BackwardArgs prepare(const Tensor& grad_out, const Tensor& input, const Tensor& mean, const Tensor& invstd) {
-  check_input(input);
-  check_same_shape(grad_out, "grad_out", input, "input");
-  check_stat_pair(mean, invstd, input);
+  check_backward_args(grad_out, input, mean, invstd);
   BackwardArgs a;
   a.L = layout_of(input);
   a.input = dense_as(input, a.L.format);
@@ -204,7 +202,7 @@ void gradient_sums(const BackwardArgs& a, const Tensor& weight, const Tensor& dx
     const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.defined() ? dx.mutable_data_ptr<scalar_t>() : nullptr;
     const int V = dx.defined() ? vector_width(a.L, sizeof(scalar_t), {x, dy, dxp}) : vector_width(a.L, sizeof(scalar_t), {x, dy});
-    const Plan p = make_plan(a.L, V, 8);
+    const Plan p = sums_plan(a.L, V);
     const Tensor workspace = partial_workspace<acc_t>(p, a.input);
     auto out = [](const Tensor& t) { return t.defined() ? t.mutable_data_ptr<acc_t>() : nullptr; };
     const GradFinalize<acc_t> fin{out(sum_dy), out(sum_dy_xmu), out(grad_weight), out(grad_bias),
@@ -231,8 +229,7 @@ void batch_grad_input(const BackwardArgs& a, const Tensor& weight, const Tensor&
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
     const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    Plan p = make_plan(a.L, vector_width(a.L, sizeof(scalar_t), {x, dy, dxp}), 16);
-    p.reverse = true;  // follows the gradient sums, whose tail is still in L2
+    const Plan p = map_plan(a.L, vector_width(a.L, sizeof(scalar_t), {x, dy, dxp}), /*reverse=*/true);
     const BatchGradInputOp<scalar_t, acc_t> op{x, dy, dxp, a.mean.const_data_ptr<acc_t>(), a.invstd.const_data_ptr<acc_t>(),
                                                ptr_or_null<acc_t>(weight), sum_dy.const_data_ptr<acc_t>(),
                                                sum_dy_xmu.const_data_ptr<acc_t>(), acc_t(1) / static_cast<acc_t>(count)};
@@ -242,9 +239,7 @@ void batch_grad_input(const BackwardArgs& a, const Tensor& weight, const Tensor&
   });
 }
 
-// The batch-statistics backward: gradient sums, then grad_input from them. NCHW data larger than the L2
-// cache is walked in channel groups (sums then grad_input per group) so the second pass reads x and dy
-// back from L2.
+// The batch-statistics backward: gradient sums, then grad_input from them.
 void batch_backward(const BackwardArgs& a, const Tensor& weight, const Tensor& dx, const Tensor& grad_weight,
                     const Tensor& grad_bias) {
   const auto acc_options = a.input.options().dtype(a.acc);
@@ -266,20 +261,13 @@ void batch_backward(const BackwardArgs& a, const Tensor& weight, const Tensor& d
     const BatchGradInputOp<scalar_t, acc_t> dx_op{x, dy, dxp, mean, invstd, w, sum_dy.const_data_ptr<acc_t>(),
                                                   sum_dy_xmu.const_data_ptr<acc_t>(),
                                                   acc_t(1) / static_cast<acc_t>(a.L.rows)};
-    const int64_t C = a.L.C;
-    const int64_t group = dxp != nullptr ? channel_group_size(a.L, 2 * a.L.rows * static_cast<int64_t>(sizeof(scalar_t))) : C;
-    const Plan widest = make_plan(a.L, V, 8, 0, C % group == 0 ? group : C % group);
-    const Tensor workspace = partial_workspace<acc_t>(widest, a.input);
-    for (int64_t c0 = 0; c0 < C; c0 += group) {
-      const int64_t count = std::min(group, C - c0);
-      const Plan ps = make_plan(a.L, V, 8, c0, count);
-      Plan pm = make_plan(a.L, V, 16, c0, count);
-      pm.reverse = true;  // start where the sums pass ended: that data is still in L2
-      dispatch_plan<scalar_t>(ps, [&](auto vec, auto cl) {
-        launch_sums<acc_t, decltype(vec)::value, decltype(cl)::value>(ps, sums_op, fin, workspace);
-        if (dxp != nullptr) launch_map<acc_t, decltype(vec)::value, decltype(cl)::value>(pm, dx_op);
-      });
-    }
+    const Plan ps = sums_plan(a.L, V);
+    const Plan pm = map_plan(a.L, V, /*reverse=*/true);  // starts where the sums ended: still in L2
+    const Tensor workspace = partial_workspace<acc_t>(ps, a.input);
+    dispatch_plan<scalar_t>(ps, [&](auto vec, auto cl) {
+      launch_sums<acc_t, decltype(vec)::value, decltype(cl)::value>(ps, sums_op, fin, workspace);
+      if (dxp != nullptr) launch_map<acc_t, decltype(vec)::value, decltype(cl)::value>(pm, dx_op);
+    });
   });
 }
 
@@ -288,7 +276,7 @@ void frozen_grad_input(const BackwardArgs& a, const Tensor& weight, const Tensor
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    const Plan p = make_plan(a.L, vector_width(a.L, sizeof(scalar_t), {dy, dxp}), 16);
+    const Plan p = map_plan(a.L, vector_width(a.L, sizeof(scalar_t), {dy, dxp}));
     const FrozenGradInputOp<scalar_t, acc_t> op{dy, dxp, a.invstd.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(weight)};
     dispatch_plan<scalar_t>(p, [&](auto vec, auto cl) {
       launch_map<acc_t, decltype(vec)::value, decltype(cl)::value>(p, op);
@@ -298,8 +286,8 @@ void frozen_grad_input(const BackwardArgs& a, const Tensor& weight, const Tensor
 
 std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(const Tensor& grad_out, const Tensor& input,
                                                            const Tensor& mean, const Tensor& invstd) {
-  const c10::cuda::CUDAGuard guard(input.device());
   const BackwardArgs a = prepare(grad_out, input, mean, invstd);
+  const c10::cuda::CUDAGuard guard(a.input.device());
   Tensor sum_dy = at::zeros({a.L.C}, a.input.options().dtype(a.acc));
   Tensor sum_dy_xmu = at::zeros({a.L.C}, a.input.options().dtype(a.acc));
   if (a.L.rows > 0 && a.L.C > 0) gradient_sums(a, Tensor(), Tensor(), sum_dy, sum_dy_xmu, Tensor(), Tensor());
@@ -309,12 +297,12 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(const Tensor& grad_ou
 Tensor batch_norm_backward_elemt_cuda(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
                                       const Tensor& invstd, const c10::optional<Tensor>& weight_,
                                       const Tensor& sum_dy, const Tensor& sum_dy_xmu, int64_t count) {
-  const c10::cuda::CUDAGuard guard(input.device());
   const BackwardArgs a = prepare(grad_out, input, mean, invstd);
+  const c10::cuda::CUDAGuard guard(a.input.device());
   check_channel_tensor(value_or_undefined(weight_), "weight", input);
   check_channel_tensor(sum_dy, "sum_dy", input);
   check_channel_tensor(sum_dy_xmu, "sum_dy_xmu", input);
-  TORCH_CHECK(count >= 0, "bnx: count must be non-negative, got ", count);
+  check_count(count);
   Tensor dx = at::empty_like(a.input, a.L.format);
   if (a.input.numel() == 0 || count == 0) return dx;
   batch_grad_input(a, as_acc(value_or_undefined(weight_), a.acc), as_acc(sum_dy, a.acc), as_acc(sum_dy_xmu, a.acc),
@@ -326,8 +314,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
                                                             const Tensor& mean, const Tensor& invstd,
                                                             const c10::optional<Tensor>& weight_,
                                                             c10::string_view formula_, std::array<bool, 3> output_mask) {
-  const c10::cuda::CUDAGuard guard(input.device());
   const BackwardArgs a = prepare(grad_out, input, mean, invstd);
+  const c10::cuda::CUDAGuard guard(a.input.device());
   const Tensor weight_orig = value_or_undefined(weight_);
   check_channel_tensor(weight_orig, "weight", input);
   const Formula formula = parse_formula(formula_);

@@ -28,8 +28,7 @@ Tensor affine_forward(const Tensor& input_, const c10::optional<Tensor>& weight_
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
     const int V = vector_width(L, sizeof(scalar_t), {x, y});
-    Plan p = make_plan(L, V, 16);
-    p.reverse = !scale_is_var;  // training: follows the statistics pass, whose tail is still in L2
+    const Plan p = map_plan(L, V);
     const AffineOp<scalar_t, acc_t> op{x, y, ptr_or_null<acc_t>(weight), ptr_or_null<acc_t>(bias),
                                        mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(),
                                        scale_is_var, static_cast<acc_t>(eps)};
@@ -38,11 +37,6 @@ Tensor affine_forward(const Tensor& input_, const c10::optional<Tensor>& weight_
     });
   });
   return out;
-}
-
-void check_affine(const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias) {
-  check_channel_tensor(value_or_undefined(weight), "weight", input);
-  check_channel_tensor(value_or_undefined(bias), "bias", input);
 }
 
 Tensor batch_norm_elemt_cuda(const Tensor& input, const c10::optional<Tensor>& weight,
@@ -56,12 +50,7 @@ Tensor batch_norm_elemt_cuda(const Tensor& input, const c10::optional<Tensor>& w
 Tensor batch_norm_inference_cuda(const Tensor& input, const c10::optional<Tensor>& weight,
                                  const c10::optional<Tensor>& bias, const Tensor& running_mean,
                                  const Tensor& running_var, double eps) {
-  check_input(input);
-  check_affine(input, weight, bias);
-  TORCH_CHECK(running_mean.defined() && running_var.defined(),
-              "bnx: batch_norm_inference needs running_mean and running_var");
-  check_running_pair(running_mean, running_var, input);
-  TORCH_CHECK(eps >= 0, "bnx: eps must be non-negative, got ", eps);
+  check_inference_args(input, weight, bias, running_mean, running_var, eps);
   return affine_forward(input, weight, bias, running_mean, running_var, /*scale_is_var=*/true, eps);
 }
 

@@ -29,24 +29,15 @@ struct StatsArgs {
 StatsArgs prepare_stats(const Tensor& input_, const c10::optional<Tensor>& running_mean,
                         const c10::optional<Tensor>& running_var, const c10::optional<Tensor>& num_batches_tracked,
                         double eps) {
-  check_input(input_);
-  check_running_pair(running_mean, running_var, input_);
-  TORCH_CHECK(eps > 0, "bnx: eps must be positive when computing batch statistics, got ", eps);
+  check_stats_args(input_, running_mean, running_var, num_batches_tracked, eps);
   StatsArgs a;
   a.nbt = value_or_undefined(num_batches_tracked);
-  if (a.nbt.defined()) {
-    TORCH_CHECK(a.nbt.numel() == 1 && a.nbt.device() == input_.device(),
-                "bnx: num_batches_tracked must be a one-element tensor on the input's device, got shape ",
-                a.nbt.sizes(), " on ", a.nbt.device());
-    a.nbt = a.nbt.to(at::kLong).reshape({1});
-  }
+  if (a.nbt.defined()) a.nbt = a.nbt.to(at::kLong).reshape({1});
   a.L = layout_of(input_);
   a.input = dense_as(input_, a.L.format);
   a.running_mean = value_or_undefined(running_mean);
   a.running_var = value_or_undefined(running_var);
   a.update = a.running_mean.defined();
-  TORCH_CHECK(!a.update || a.L.rows != 1, "Expected more than 1 value per channel when training, got input size ",
-              input_.sizes());
   if (a.update) {
     const auto acc = stat_dtype(a.input);
     a.rm = as_acc(a.running_mean, acc);
@@ -75,8 +66,8 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input_, const c10
                                                  const c10::optional<Tensor>& running_var,
                                                  const c10::optional<Tensor>& num_batches_tracked,
                                                  double momentum, double eps) {
-  const c10::cuda::CUDAGuard guard(input_.device());
   StatsArgs a = prepare_stats(input_, running_mean, running_var, num_batches_tracked, eps);
+  const c10::cuda::CUDAGuard guard(a.input.device());
   const auto options = a.input.options().dtype(stat_dtype(a.input));
   Tensor mean = at::empty({a.L.C}, options), invstd = at::empty({a.L.C}, options);
   if (a.L.C == 0) return {mean, invstd};
@@ -87,7 +78,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input_, const c10
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
-    const Plan p = make_plan(a.L, vector_width(a.L, sizeof(scalar_t), {x}), 8);
+    const Plan p = sums_plan(a.L, vector_width(a.L, sizeof(scalar_t), {x}));
     const ShiftedMomentsOp<scalar_t, acc_t> op{x, a.L.inner};
     const auto fin = moments_finalize<scalar_t, acc_t>(a, momentum, eps, mean, invstd);
     const Tensor workspace = partial_workspace<acc_t>(p, a.input);
@@ -99,17 +90,14 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input_, const c10
   return {mean, invstd};
 }
 
-// The whole training forward: statistics, running-statistics update and normalize. NCHW data larger than
-// the L2 cache is walked in channel groups (statistics then normalize per group) so that the normalize
-// pass reads the group back from L2.
+// The whole training forward: statistics, running-statistics update and normalize.
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train_forward_cuda(
     const Tensor& input_, const c10::optional<Tensor>& weight_, const c10::optional<Tensor>& bias_,
     const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
     const c10::optional<Tensor>& num_batches_tracked, double momentum, double eps) {
-  const c10::cuda::CUDAGuard guard(input_.device());
-  check_channel_tensor(value_or_undefined(weight_), "weight", input_);
-  check_channel_tensor(value_or_undefined(bias_), "bias", input_);
+  check_affine(input_, weight_, bias_);
   StatsArgs a = prepare_stats(input_, running_mean, running_var, num_batches_tracked, eps);
+  const c10::cuda::CUDAGuard guard(a.input.device());
   const auto acc = stat_dtype(a.input);
   const auto options = a.input.options().dtype(acc);
   Tensor mean = at::empty({a.L.C}, options), invstd = at::empty({a.L.C}, options);
@@ -131,21 +119,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_forward_cuda(
     const AffineOp<scalar_t, acc_t> affine_op{x, y, ptr_or_null<acc_t>(weight), ptr_or_null<acc_t>(bias),
                                               mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
                                               /*scale_is_var=*/false, acc_t(0)};
-    const int64_t C = a.L.C;
-    const int64_t group = channel_group_size(a.L, a.L.rows * static_cast<int64_t>(sizeof(scalar_t)));
-    // The last (smallest) group splits its channels most: size the workspace for it.
-    const Plan widest = make_plan(a.L, V, 8, 0, C % group == 0 ? group : C % group);
-    const Tensor workspace = partial_workspace<acc_t>(widest, a.input);
-    for (int64_t c0 = 0; c0 < C; c0 += group) {
-      const int64_t count = std::min(group, C - c0);
-      const Plan ps = make_plan(a.L, V, 8, c0, count);
-      Plan pm = make_plan(a.L, V, 16, c0, count);
-      pm.reverse = true;  // start where the statistics pass ended: that data is still in L2
-      dispatch_plan<scalar_t>(ps, [&](auto vec, auto cl) {
-        launch_sums<acc_t, decltype(vec)::value, decltype(cl)::value>(ps, stats_op, fin, workspace);
-        launch_map<acc_t, decltype(vec)::value, decltype(cl)::value>(pm, affine_op);
-      });
-    }
+    const Plan ps = sums_plan(a.L, V);
+    const Plan pm = map_plan(a.L, V, /*reverse=*/true);  // starts where the statistics ended: still in L2
+    const Tensor workspace = partial_workspace<acc_t>(ps, a.input);
+    dispatch_plan<scalar_t>(ps, [&](auto vec, auto cl) {
+      launch_sums<acc_t, decltype(vec)::value, decltype(cl)::value>(ps, stats_op, fin, workspace);
+      launch_map<acc_t, decltype(vec)::value, decltype(cl)::value>(pm, affine_op);
+    });
   });
   a.finish();
   return {out, mean, invstd};

@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 
 #include "../common.h"
 
@@ -58,7 +57,6 @@ struct Plan {
   int V = 1;
   bool channels_last = false;
   bool reverse = false;  // walk the tiles last to first (see tile_x)
-  int64_t c_begin = 0;   // NCHW: first channel of this launch (channel groups, see channel_group_size)
   dim3 grid() const { return dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(splits)); }
   dim3 block() const { return dim3(tx, ty); }
 };
@@ -90,10 +88,10 @@ inline int num_sms() {
 }
 
 // ctas_per_sm: how many 256-thread CTAs per SM the launch aims for (one full wave at 8).
-// c_begin / c_count: NCHW launches may cover a group of channels only.
-inline Plan make_plan(const Layout& L, int V, int ctas_per_sm, int64_t c_begin = 0, int64_t c_count = -1) {
+// ctas_per_sm: how many 256-thread CTAs per SM the launch aims for; min_vecs_per_thread: the least work a
+// thread should get (sums kernels end with a block reduction, so they want fatter CTAs).
+inline Plan make_plan(const Layout& L, int V, int ctas_per_sm, int min_vecs_per_thread) {
   Plan p;
-  if (c_count < 0) c_count = L.C;
   p.C = L.C;
   p.S = L.inner;
   p.V = V;
@@ -107,19 +105,28 @@ inline Plan make_plan(const Layout& L, int V, int ctas_per_sm, int64_t c_begin =
     p.rows = L.N;
     p.vecs_per_row = L.inner / V;
     p.tx = pow2_at_least(p.vecs_per_row, kThreads);
-    p.grid_x = c_count;
-    p.c_begin = c_begin;
+    p.grid_x = L.C;
   }
   p.ty = kThreads / p.tx;
   const int64_t target = static_cast<int64_t>(num_sms()) * ctas_per_sm;
-  // Each thread should get at least 4 vectors, and each thread-row at least one row.
+  // Each thread should get at least min_vecs_per_thread vectors, and each thread-row at least one row.
   const int64_t vecs_per_thread_row = L.channels_last ? 1 : ceil_div(p.vecs_per_row, p.tx);
-  const int64_t max_by_work = std::max<int64_t>(1, p.rows * vecs_per_thread_row / (4 * p.ty));
+  const int64_t max_by_work = std::max<int64_t>(1, p.rows * vecs_per_thread_row / (int64_t(min_vecs_per_thread) * p.ty));
   int64_t splits = std::max<int64_t>(1, ceil_div(target, p.grid_x));
   splits = std::min({splits, max_by_work, ceil_div(p.rows, p.ty), int64_t(4096)});
   splits = std::max<int64_t>(splits, 1);
   p.rows_per_split = ceil_div(p.rows, splits);
   p.splits = ceil_div(p.rows, p.rows_per_split);
+  return p;
+}
+
+// Plans of the two kernel shapes. A sums kernel ends with a block reduction and a partial-sum write, so
+// it wants fewer, fatter CTAs; a map kernel has no epilogue and just wants the machine full. A map pass
+// that follows a sums pass over the same data walks in reverse (see tile_x).
+inline Plan sums_plan(const Layout& L, int V) { return make_plan(L, V, 8, 16); }
+inline Plan map_plan(const Layout& L, int V, bool reverse = false) {
+  Plan p = make_plan(L, V, 16, 4);
+  p.reverse = reverse;
   return p;
 }
 
@@ -164,7 +171,7 @@ __device__ __forceinline__ void for_each_batch(const Plan& p, F&& f) {
   } else {
     // The thread's vectors are (row, sv) with sv = tx, tx + TX, ... < vecs_per_row in rows r0 + ty, +TY, ...
     if (threadIdx.x >= p.vecs_per_row) return;
-    const int64_t c = p.c_begin + tile_x(p);
+    const int64_t c = tile_x(p);
     const int64_t row_step = static_cast<int64_t>(blockDim.y) * p.C * p.S;
     int64_t row = r0 + threadIdx.y;
     int64_t base = (row * p.C + c) * p.S;
@@ -198,7 +205,7 @@ __device__ __forceinline__ int64_t lane_channel_base(const Plan& p, bool& active
     return cv * V;
   }
   active = true;
-  return p.c_begin + tile_x(p);
+  return tile_x(p);
 }
 
 template <bool CL>
@@ -259,43 +266,49 @@ __global__ void __launch_bounds__(kThreads) channel_sums_kernel(Plan p, Op op, F
       b = lane < kWarps ? smem[lane * 2 + 1] : acc_t(0);
       a = warp_sum(a);
       b = warp_sum(b);
-      if (lane == 0) emit(p.c_begin + tile_x(p), a, b);
+      if (lane == 0) emit(tile_x(p), a, b);
     }
   } else {
-    // Lanes hold different channels: fold over threadIdx.y in a fixed order.
+    // Lanes hold different channels: fold over threadIdx.y as a fixed tree (blockDim.y is a power of 2).
     const int width = blockDim.x * V;
+    acc_t* mine = smem + (threadIdx.y * width + threadIdx.x * V) * 2;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      smem[(threadIdx.y * width + threadIdx.x * V + i) * 2] = s1[i];
-      smem[(threadIdx.y * width + threadIdx.x * V + i) * 2 + 1] = s2[i];
+      mine[2 * i] = s1[i];
+      mine[2 * i + 1] = s2[i];
     }
-    __syncthreads();
+    for (int half = blockDim.y / 2; half > 0; half /= 2) {
+      __syncthreads();
+      if (threadIdx.y < half) {
+        const acc_t* other = mine + half * width * 2;
+#pragma unroll
+        for (int i = 0; i < 2 * V; ++i) mine[i] += other[i];
+      }
+    }
     if (threadIdx.y == 0 && active) {
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
-        acc_t a = 0, b = 0;
-        for (int y = 0; y < blockDim.y; ++y) {
-          a += smem[(y * width + threadIdx.x * V + i) * 2];
-          b += smem[(y * width + threadIdx.x * V + i) * 2 + 1];
-        }
-        emit(cbase + i, a, b);
-      }
+      for (int i = 0; i < V; ++i) emit(cbase + i, mine[2 * i], mine[2 * i + 1]);
     }
   }
 }
 
-// Adds the splits' partial sums of each channel in order and hands them to fin.
+// Adds the splits' partial sums of each channel (one warp per channel: strided lane sums, then a fixed
+// shuffle tree, so the order never changes) and hands them to fin.
+constexpr int kFinalizeWarps = 4;
+
 template <typename acc_t, typename Fin>
-__global__ void finalize_kernel(const acc_t* __restrict__ partial, int64_t splits, int64_t C, int64_t c_begin,
-                                int64_t c_count, Fin fin) {
-  const int64_t c = c_begin + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= c_begin + c_count) return;
+__global__ void finalize_kernel(const acc_t* __restrict__ partial, int64_t splits, int64_t C, Fin fin) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (c >= C) return;  // whole warps leave together: c is uniform in a warp
   acc_t a = 0, b = 0;
-  for (int64_t s = 0; s < splits; ++s) {
+  for (int64_t s = lane; s < splits; s += 32) {
     a += partial[(s * C + c) * 2];
     b += partial[(s * C + c) * 2 + 1];
   }
-  fin(c, a, b);
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if (lane == 0) fin(c, a, b);
 }
 
 template <typename acc_t, int V, bool CL, typename Op>
@@ -307,15 +320,15 @@ __global__ void __launch_bounds__(kThreads) channel_map_kernel(Plan p, Op op) {
   for_each_batch<V, B, CL>(p, [&](const int64_t* off, int n) { op.template apply<V, B>(off, n, k); });
 }
 
-// Workspace for the partial sums of every split of every channel (sized for the largest plan it serves).
+// Workspace for the partial sums of every split of every channel.
 template <typename acc_t>
 at::Tensor partial_workspace(const Plan& p, const at::Tensor& like) {
   if (p.splits <= 1) return at::Tensor();
   return at::empty({p.splits, p.C, 2}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
 
-// Runs the sums (and the finalize step when the channel is split across CTAs). `workspace` must come
-// from partial_workspace for a plan with at least p.splits splits.
+// Runs the sums (and the finalize step when the channel is split across CTAs). `workspace` comes from
+// partial_workspace(p).
 template <typename acc_t, int V, bool CL, typename Op, typename Fin>
 void launch_sums(const Plan& p, const Op& op, const Fin& fin, const at::Tensor& workspace) {
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -324,25 +337,10 @@ void launch_sums(const Plan& p, const Op& op, const Fin& fin, const at::Tensor& 
   channel_sums_kernel<acc_t, V, CL><<<p.grid(), p.block(), 0, stream>>>(p, op, fin, partial);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.splits > 1) {
-    const int threads = 128;
-    const int64_t c_begin = CL ? 0 : p.c_begin;
-    const int64_t c_count = CL ? p.C : p.grid_x;
-    finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(c_count, threads)), threads, 0, stream>>>(
-        partial, p.splits, p.C, c_begin, c_count, fin);
+    finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(p.C, kFinalizeWarps)), kFinalizeWarps * 32, 0, stream>>>(
+        partial, p.splits, p.C, fin);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-}
-
-// NCHW passes that read the same data twice (statistics then normalize; gradient sums then grad_input)
-// walk the channels in groups whose data fits in half the L2 cache, so the second pass reads from L2
-// instead of DRAM. `bytes_per_channel` counts every tensor both passes read. BNX_L2_GROUP_BYTES overrides
-// the budget (0 turns grouping off). Channels-last data interleaves channels, so it is never grouped.
-inline int64_t channel_group_size(const Layout& L, int64_t bytes_per_channel) {
-  if (L.channels_last || L.C <= 1 || bytes_per_channel <= 0) return L.C;
-  int64_t budget = at::cuda::getCurrentDeviceProperties()->l2CacheSize / 2;
-  if (const char* env = std::getenv("BNX_L2_GROUP_BYTES")) budget = std::atoll(env);
-  if (budget <= 0 || bytes_per_channel * L.C <= 2 * budget) return L.C;
-  return std::max<int64_t>(1, budget / bytes_per_channel);
 }
 
 template <typename acc_t, int V, bool CL, typename Op>
