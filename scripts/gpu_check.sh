@@ -4,8 +4,6 @@
 #   tests  - every CUDA test case (pytest -k cuda), compile tests last, large (>2^31 elements) included
 #   cli    - python -m bnx explain / check on CUDA
 #   bench  - the benchmark; arguments after "--" go to it
-#   groups - bnx alone with L2 channel groups off (BNX_L2_GROUP_BYTES=0) on the NCHW ResNet-50 shapes, to
-#            compare with the bench stage's bnx numbers
 # Logs and results go to $OUT (./out when OUT is unset). Without a GPU it says so and does nothing.
 #   OUT=... bash scripts/gpu_check.sh build tests cli
 #   OUT=... bash scripts/gpu_check.sh bench -- --compile-budget 90
@@ -73,12 +71,6 @@ run_bench() {
   echo "bench rc=${PIPESTATUS[0]} in $(( $(date +%s) - start )) s"
 }
 
-run_groups() {
-  BNX_L2_GROUP_BYTES=0 timeout -s INT -k 10 ${GROUPS_TIMEOUT:-120} "$PY" -m bnx bench --device cuda --shapes rn50 \
-    --layout nchw --passes train_fwd,train_bwd,train_fwd_bwd --peers native --no-verify \
-    --json "$OUT/bench-nogroups.json" 2> /dev/null | tail -n 20 | tee "$OUT/bench-nogroups.txt"
-}
-
 for s in "${stages[@]}"; do
   echo "== $s"
   case "$s" in
@@ -86,7 +78,6 @@ for s in "${stages[@]}"; do
     tests) run_tests ;;
     cli) run_cli ;;
     bench) run_bench "$@" ;;
-    groups) run_groups ;;
     *) echo "gpu_check: unknown stage $s"; exit 2 ;;
   esac
 done

@@ -19,6 +19,7 @@ using at::Tensor;
 
 constexpr int64_t kGrainElements = 1 << 15;  // elements per parallel task, at least
 constexpr int64_t kBlock = 4096;             // elements summed in opmath before moving into double
+constexpr int kLanes = 16;                   // independent partial sums in the plane-wise reductions
 
 // Per-channel sums of the two values f(idx, c) returns, over every element of the channel.
 // Partial sums are kept per fixed slice of the data, so the result does not depend on thread timing.
@@ -38,15 +39,27 @@ void channel_sums(const Layout& L, const F& f, std::vector<double>& sum1, std::v
           const int64_t base = (n * C + c) * S;
           for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
             const int64_t s1 = std::min(S, s0 + kBlock);
-            opmath_t a = 0, b = 0;
-#pragma omp simd reduction(+ : a, b)
-            for (int64_t s = s0; s < s1; ++s) {
-              const auto v = f(base + s, c);
-              a += v.first;
-              b += v.second;
+            // Independent lanes the compiler maps onto vector registers (a reduction into one scalar
+            // would not vectorize without reassociation).
+            opmath_t a[kLanes] = {}, b[kLanes] = {};
+            int64_t s = s0;
+            for (; s + kLanes <= s1; s += kLanes) {
+#pragma omp simd
+              for (int l = 0; l < kLanes; ++l) {
+                const auto v = f(base + s + l, c);
+                a[l] += v.first;
+                b[l] += v.second;
+              }
             }
-            t1 += a;
-            t2 += b;
+            for (; s < s1; ++s) {
+              const auto v = f(base + s, c);
+              a[0] += v.first;
+              b[0] += v.second;
+            }
+            for (int l = 0; l < kLanes; ++l) {
+              t1 += a[l];
+              t2 += b[l];
+            }
           }
         }
         sum1[c] = t1;
