@@ -1,36 +1,67 @@
 // Argument checks of the bnx ops (declared in common.h), compiled by the host compiler only.
 #include "common.h"
 
+#include <cstdio>
+#include <string>
+
 namespace bnx {
+namespace {
+
+// Numbers and shapes are formatted here into strings rather than streamed into the message: on the GPU
+// machine (torch 2.11) messages that streamed integers or sizes segfaulted when thrown from the CUDA ops,
+// while messages made of strings and devices did not. (Not yet re-checked on a GPU with this change.)
+std::string num(int64_t v) { return std::to_string(v); }
+
+std::string num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+
+std::string shape(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i > 0) out += ", ";
+    out += std::to_string(sizes[i]);
+  }
+  return out + "]";
+}
+
+std::string dtype_name(at::ScalarType t) { return c10::toString(t); }
+
+std::string device_name(const at::Device& d) { return d.str(); }
+
+}  // namespace
 
 void check_input(const at::Tensor& input, const char* name) {
   TORCH_CHECK(input.defined(), "bnx: ", name, " is undefined");
   TORCH_CHECK(input.dim() >= 2 && input.dim() <= 5, "bnx: expected ", name,
-              " of shape (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), got ", input.dim(),
-              "-D ", name, " of shape ", input.sizes());
+              " of shape (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), got ", num(input.dim()),
+              "-D ", name, " of shape ", shape(input.sizes()));
   TORCH_CHECK(at::isFloatingType(input.scalar_type()) && input.scalar_type() != at::kFloat8_e4m3fn,
               "bnx: expected ", name, " of dtype float64, float32, float16 or bfloat16, got ",
-              input.scalar_type());
+              dtype_name(input.scalar_type()));
 }
 
 void check_channel_tensor(const at::Tensor& t, const char* name, const at::Tensor& input) {
   if (!t.defined()) return;
   TORCH_CHECK(t.device() == input.device(), "bnx: expected ", name, " on the input's device ",
-              input.device(), ", got it on ", t.device());
+              device_name(input.device()), ", got it on ", device_name(t.device()));
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "bnx: expected ", name,
-              " to be a floating-point tensor, got ", t.scalar_type());
+              " to be a floating-point tensor, got ", dtype_name(t.scalar_type()));
   TORCH_CHECK(t.dim() == 1 && t.size(0) == input.size(1), "bnx: ", name,
-              " should contain ", input.size(1), " elements (one per channel of input of shape ",
-              input.sizes(), "), got shape ", t.sizes());
+              " should contain ", num(input.size(1)),
+              " elements (one per channel of input of shape ", shape(input.sizes()), "), got shape ",
+              shape(t.sizes()));
 }
 
 void check_same_shape(const at::Tensor& a, const char* name_a, const at::Tensor& b, const char* name_b) {
-  TORCH_CHECK(a.sizes() == b.sizes(), "bnx: ", name_a, " of shape ", a.sizes(),
-              " must have the shape of ", name_b, " ", b.sizes());
-  TORCH_CHECK(a.device() == b.device(), "bnx: ", name_a, " is on ", a.device(), " but ", name_b,
-              " is on ", b.device());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "bnx: ", name_a, " has dtype ", a.scalar_type(),
-              " but ", name_b, " has dtype ", b.scalar_type());
+  TORCH_CHECK(a.sizes() == b.sizes(), "bnx: ", name_a, " of shape ", shape(a.sizes()),
+              " must have the shape of ", name_b, " ", shape(b.sizes()));
+  TORCH_CHECK(a.device() == b.device(), "bnx: ", name_a, " is on ", device_name(a.device()), " but ", name_b,
+              " is on ", device_name(b.device()));
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "bnx: ", name_a, " has dtype ", dtype_name(a.scalar_type()),
+              " but ", name_b, " has dtype ", dtype_name(b.scalar_type()));
 }
 
 Formula parse_formula(c10::string_view formula) {
@@ -68,18 +99,18 @@ void check_stats_args(const at::Tensor& input, const c10::optional<at::Tensor>& 
                       const c10::optional<at::Tensor>& num_batches_tracked, double eps) {
   check_input(input);
   check_running_pair(running_mean, running_var, input);
-  TORCH_CHECK(eps > 0, "bnx: eps must be positive when computing batch statistics, got ", eps);
+  TORCH_CHECK(eps > 0, "bnx: eps must be positive when computing batch statistics, got ", num(eps));
   const at::Tensor nbt = value_or_undefined(num_batches_tracked);
   if (nbt.defined()) {
     TORCH_CHECK(nbt.numel() == 1 && nbt.device() == input.device(),
                 "bnx: num_batches_tracked must be a one-element tensor on the input's device, got shape ",
-                nbt.sizes(), " on ", nbt.device());
+                shape(nbt.sizes()), " on ", device_name(nbt.device()));
   }
   const bool update = running_mean.has_value() && running_mean->defined();
   int64_t values = input.size(0);
   for (int64_t d = 2; d < input.dim(); ++d) values *= input.size(d);
   TORCH_CHECK(!update || values != 1, "Expected more than 1 value per channel when training, got input size ",
-              input.sizes());
+              shape(input.sizes()));
 }
 
 void check_inference_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
@@ -90,7 +121,7 @@ void check_inference_args(const at::Tensor& input, const c10::optional<at::Tenso
   TORCH_CHECK(running_mean.defined() && running_var.defined(),
               "bnx: batch_norm_inference needs running_mean and running_var");
   check_running_pair(running_mean, running_var, input);
-  TORCH_CHECK(eps >= 0, "bnx: eps must be non-negative, got ", eps);
+  TORCH_CHECK(eps >= 0, "bnx: eps must be non-negative, got ", num(eps));
 }
 
 void check_backward_args(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
@@ -101,7 +132,7 @@ void check_backward_args(const at::Tensor& grad_out, const at::Tensor& input, co
 }
 
 void check_count(int64_t count) {
-  TORCH_CHECK(count >= 0, "bnx: count must be non-negative, got ", count);
+  TORCH_CHECK(count >= 0, "bnx: count must be non-negative, got ", num(count));
 }
 
 }  // namespace bnx

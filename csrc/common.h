@@ -57,8 +57,7 @@ inline at::ScalarType stat_dtype(const at::Tensor& input) {
 
 enum class Formula { Batch, Frozen };
 
-// Argument checks, shared by the CPU and CUDA ops. They live in checks.cpp, compiled by the host
-// compiler alone: error messages that print tensor sizes crashed when built into the CUDA objects.
+// Argument checks, shared by the CPU and CUDA ops (checks.cpp).
 void check_input(const at::Tensor& input, const char* name = "input");
 // A per-channel tensor (weight, bias, running stats, mean, invstd, sums): 1-D, C elements, floating, on
 // the input's device. Undefined tensors pass.
