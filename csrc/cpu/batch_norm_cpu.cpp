@@ -154,14 +154,16 @@ Tensor channel_tensor(const std::vector<double>& v, const Tensor& like) {
   return out;
 }
 
-// running = (1 - f) * running + f * value, f = momentum or 1 / num_batches_tracked.
-void update_running(Tensor& running, const Tensor& value, const Tensor& num_batches_tracked, double momentum) {
-  const Tensor v = value.to(at::kDouble);
-  const Tensor r = running.to(at::kDouble);
-  const Tensor f = num_batches_tracked.defined()
-                       ? at::reciprocal(num_batches_tracked.to(at::kDouble)).reshape({})
-                       : at::scalar_tensor(momentum, v.options());
-  running.copy_(r * (1 - f) + v * f);
+// running = (1 - f) * running + f * value per channel, in double, with f = momentum or
+// 1 / num_batches_tracked. Written as one loop: the running tensors may have any floating dtype and
+// strides, so they are read and written through an accessor.
+void update_running(Tensor& running, const std::vector<double>& value, double f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "batch_norm_update_running_cpu", [&] {
+    auto r = running.accessor<scalar_t, 1>();
+    for (int64_t c = 0; c < r.size(0); ++c) {
+      r[c] = static_cast<scalar_t>((1 - f) * static_cast<double>(r[c]) + f * value[c]);
+    }
+  });
 }
 
 std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input_, const c10::optional<Tensor>& running_mean,
@@ -200,9 +202,10 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input_, const c10:
     mean = channel_tensor<opmath_t>(m, input);
     invstd = channel_tensor<opmath_t>(iv, input);
     if (update && M > 0) {
+      const double f = nbt.defined() ? 1.0 / nbt.to(at::kDouble).item<double>() : momentum;
       Tensor rm = *running_mean, rv = *running_var;
-      update_running(rm, mean, nbt, momentum);
-      update_running(rv, channel_tensor<double>(var_unbiased, input), nbt, momentum);
+      update_running(rm, m, f);
+      update_running(rv, var_unbiased, f);
     }
   });
   return {mean, invstd};
