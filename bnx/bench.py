@@ -9,6 +9,10 @@ GPU timing: CUDA events around each repetition, median after warm-up. Before the
 launch overhead hidden, gaps between kernels included). CPU timing: wall clock (time.perf_counter) medians.
 Small inputs rotate among several input sets (and the outputs of the last few calls are kept alive, so each
 call writes fresh memory) so repeated runs don't measure the L2 cache.
+
+--json and --md are rewritten (atomically) after every case, marked "partial" until the last one, so a run
+cut short still leaves its results; ``--from-progress LOG`` rebuilds the reports from a run's progress log
+(its stderr) instead of timing.
 """
 
 import collections
@@ -17,6 +21,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -120,6 +125,11 @@ def add_arguments(p):
     p.add_argument("--plot", metavar="FILE.png", help="write a PNG chart (frac per case, bnx vs best peer)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip comparing bnx's results with native's (max relative difference per case)")
+    p.add_argument("--from-progress", metavar="LOG",
+                   help="time nothing: rebuild the results from a progress log (the stderr of an earlier run, "
+                        "e.g. one cut short) and write --json/--md/--plot from it. The device and peers come "
+                        "from the log's header; pass the earlier run's --shapes/--dtype/--layout/--passes/--quick "
+                        "if it wasn't run with the defaults. Cases missing from the log are marked absent")
 
 
 def _split(s):
@@ -504,10 +514,85 @@ class _NoCuda(RuntimeError):
 
 
 def run(args):
-    """Run the benchmark from parsed args. Returns an exit code.
+    """Run the benchmark from parsed args (or, with --from-progress, rebuild its results). Returns an exit code.
 
     Raises BenchUsageError (bad option value) or _NoCuda; the CLI turns them into one-line errors."""
+    if getattr(args, "from_progress", None):
+        return _rebuild(args)
     return _run(args)
+
+
+def _select_cases(args, device_type, quick):
+    """(passes, combos): the passes in run order and the (shape name, shape, dtype, layout) combinations,
+    in the order the benchmark runs them (each combination runs every pass)."""
+    is_cuda = device_type == "cuda"
+    shapes = parse_shapes(args.shapes, device_type, quick)
+    dtypes = _check_list(_split(args.dtype or ("bf16,fp32" if is_cuda else "fp32")), list(DTYPES), "dtype")
+    layouts = _check_list(_split(args.layout), LAYOUTS, "layout")
+    passes = _check_list(_split(args.passes) if args.passes else list(PASSES), PASSES, "pass")
+    passes = [p for p in PASSES if p in passes]
+    # the case list (nhwc needs rank 4 or 5)
+    combos = []
+    for sname, shape in shapes:
+        for d in dtypes:
+            for lay in layouts:
+                if lay == "nhwc" and len(shape) not in (4, 5):
+                    continue
+                combos.append((sname, shape, d, lay))
+    if not combos:
+        raise BenchUsageError("no cases selected (nhwc needs 4-D or 5-D shapes)")
+    return passes, combos
+
+
+def _new_case(pname, dname, lay, shape, sname, nsets):
+    E = math.prod(shape)
+    bpe = torch.empty((), dtype=DTYPES[dname]).element_size()
+    return {"pass": pname, "dtype": dname, "layout": lay, "shape": list(shape), "shape_name": sname,
+            "elements": E, "bytes_per_element": bpe, "compulsory_bytes": BYTES_FACTOR[pname] * E * bpe,
+            "input_sets": nsets, "times_us": {}, "min_us": {}, "reps": {}, "host_us": {}, "errors": {},
+            "speedup": {}, "frac": {}, "best_peer": None, "max_rel_diff_vs_native": None}
+
+
+def _gbps_text(v):
+    return f"{v:.0f}" if v >= 1000 else f"{v:.4g}"
+
+
+def _timing_text(is_cuda, reps, warmup, cpu_seconds):
+    if is_cuda:
+        return ("CUDA events, median of %d after %d warm-up (GPU held by torch.cuda._sleep while queueing)"
+                % (reps, warmup))
+    return "time.perf_counter, median of as many reps as fit (%s)" % ("%d reps" % reps if reps else
+                                                                      "%.2f s" % cpu_seconds)
+
+
+def _atomic_write(path, text):
+    """Write text to path through a temporary file in the same folder and os.replace, so a reader (or a run
+    killed while writing) never sees a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_reports(result, args, out=None, with_plot=True):
+    """--json and --md (atomically), and --plot when with_plot; prints 'wrote FILE' to out when given."""
+    if args.json:
+        _atomic_write(args.json, json.dumps(result, indent=1, default=str))
+        if out:
+            print(f"wrote {args.json}", file=out)
+    if args.md:
+        _atomic_write(args.md, markdown(result))
+        if out:
+            print(f"wrote {args.md}", file=out)
+    if args.plot and with_plot:
+        plot(result, args.plot)
+        if out:
+            print(f"wrote {args.plot}", file=out)
 
 
 def _run(args):
@@ -521,11 +606,8 @@ def _run(args):
     is_cuda = device.type == "cuda"
     quick = args.quick
 
-    shapes = parse_shapes(args.shapes, device.type, quick)
-    dtypes = _check_list(_split(args.dtype or ("bf16,fp32" if is_cuda else "fp32")), list(DTYPES), "dtype")
-    layouts = _check_list(_split(args.layout), LAYOUTS, "layout")
-    passes = _check_list(_split(args.passes) if args.passes else list(PASSES), PASSES, "pass")
-    passes = [p for p in PASSES if p in passes]
+    passes, combos = _select_cases(args, device.type, quick)
+    total = len(combos) * len(passes)
     peers = _check_list(_split(args.peers) if args.peers else (PEERS_GPU if is_cuda else PEERS_CPU),
                         ["native", "native_nocudnn", "compile"], "peer")
     if not is_cuda:
@@ -566,25 +648,18 @@ def _run(args):
         except Exception:
             pass
 
-    # the case list (nhwc needs rank 4 or 5)
-    combos = []
-    for sname, shape in shapes:
-        for d in dtypes:
-            for lay in layouts:
-                if lay == "nhwc" and len(shape) not in (4, 5):
-                    continue
-                combos.append((sname, shape, d, lay))
-    total = len(combos) * len(passes)
-    if total == 0:
-        raise BenchUsageError("no cases selected (nhwc needs 4-D or 5-D shapes)")
-
     env = _env(device, args.threads)
     copy_bytes = (1 << 30) if is_cuda else (256 << 20)
     log = lambda s: (sys.stderr.write(s), sys.stderr.flush())  # noqa: E731
     log(f"bnx bench: {env['device_name']} ({device.type}), torch {env['torch']}, {total} cases, "
         f"impls {', '.join(impls)}{' (quick)' if quick else ''}\n")
     copy_gbps = measure_copy_bandwidth(device, copy_bytes)
-    log(f"copy bandwidth: {copy_gbps:.0f} GB/s (device-to-device copy of {copy_bytes >> 20} MiB, read + write)\n")
+    log(f"copy bandwidth: {_gbps_text(copy_gbps)} GB/s (device-to-device copy of {copy_bytes >> 20} MiB, "
+        "read + write)\n")
+    meta = dict(tool="bnx bench", command=_command_line(args), argv=sys.argv, env=env, copy_gbps=copy_gbps,
+                copy_bytes=copy_bytes, timing=_timing_text(is_cuda, reps, warmup, timer.cpu_seconds), quick=quick,
+                impls=impls, passes=passes, pass_text={p: PASS_TEXT[p] for p in passes},
+                bytes_factor={p: BYTES_FACTOR[p] for p in passes})
 
     t_start = time.perf_counter()
     compile_spent = 0.0
@@ -597,8 +672,6 @@ def _run(args):
     bnx_errors = 0
     for ci, (sname, shape, dname, lay) in enumerate(combos):
         dtype = DTYPES[dname]
-        E = math.prod(shape)
-        bpe = torch.empty((), dtype=dtype).element_size()
         nsets = _nsets(shape, dtype, device)
         combo = None
         combo_err = None
@@ -620,10 +693,7 @@ def _run(args):
             n += 1
             prefix = f"[{n}/{total}] {pname} {dname} {lay} {','.join(map(str, shape))}"
             log(prefix + " ...")
-            case = {"pass": pname, "dtype": dname, "layout": lay, "shape": list(shape), "shape_name": sname,
-                    "elements": E, "bytes_per_element": bpe, "compulsory_bytes": BYTES_FACTOR[pname] * E * bpe,
-                    "input_sets": nsets, "times_us": {}, "min_us": {}, "reps": {}, "host_us": {}, "errors": {},
-                    "speedup": {}, "frac": {}, "best_peer": None, "max_rel_diff_vs_native": None}
+            case = _new_case(pname, dname, lay, shape, sname, nsets)
             outs = {}
             for impl in impls:
                 if combo is None:
@@ -708,6 +778,11 @@ def _run(args):
             _finish_case(case, impls, copy_gbps)
             cases.append(case)
             log(" " + _progress_tail(case, impls) + "\n")
+            if n < total:  # results so far, so a run cut short still leaves them (the last case: below)
+                partial = dict(meta, compile_seconds_total=compile_spent, compile_budget_exhausted=compile_exhausted,
+                               elapsed_seconds=time.perf_counter() - t_start, cases=cases, summary=summarize(cases),
+                               partial=dict(cases_done=len(cases), cases_total=total))
+                _write_reports(partial, args, with_plot=False)
         combo = None
         compiled = None
         if "compile" in impls:
@@ -718,36 +793,205 @@ def _run(args):
         _free(device)
 
     elapsed = time.perf_counter() - t_start
-    summary = summarize(cases)
-    result = dict(
-        tool="bnx bench", command=_command_line(args),
-        argv=sys.argv, env=env, copy_gbps=copy_gbps, copy_bytes=copy_bytes,
-        timing=("CUDA events, median of %d after %d warm-up (GPU held by torch.cuda._sleep while queueing)"
-                % (reps, warmup) if is_cuda else
-                "time.perf_counter, median of as many reps as fit (%s)" % ("%d reps" % reps if reps else
-                                                                          "%.2f s" % timer.cpu_seconds)),
-        quick=quick, impls=impls, passes=passes, pass_text={p: PASS_TEXT[p] for p in passes},
-        bytes_factor={p: BYTES_FACTOR[p] for p in passes}, compile_seconds_total=compile_spent,
-        compile_budget_exhausted=compile_exhausted, elapsed_seconds=elapsed, cases=cases, summary=summary)
+    result = dict(meta, compile_seconds_total=compile_spent, compile_budget_exhausted=compile_exhausted,
+                  elapsed_seconds=elapsed, cases=cases, summary=summarize(cases))
 
     out = sys.stdout
     print_summary(result, out)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-        print(f"wrote {args.json}", file=out)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(markdown(result))
-        print(f"wrote {args.md}", file=out)
-    if args.plot:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}", file=out)
+    _write_reports(result, args, out)
     n_ok = sum(1 for c in cases if c["times_us"].get("bnx"))
     if n_ok == 0 or bnx_errors:
         print(f"bnx failed in {bnx_errors} case(s); {n_ok}/{len(cases)} cases measured", file=sys.stderr)
         return 1
     return 0
+
+
+# ------------------------------------------------------------------------------------------------------
+# --from-progress: rebuild the results from a progress log
+# ------------------------------------------------------------------------------------------------------
+
+_HEAD_RE = re.compile(r"^bnx bench: (.*) \((cuda|cpu)\), torch (\S+), (\d+) cases, impls (.*?)( \(quick\))?\s*$")
+_COPY_RE = re.compile(r"^copy bandwidth: ([0-9.eE+]+) GB/s \(device-to-device copy of (\d+) MiB")
+_CASE_RE = re.compile(r"^\[(\d+)/(\d+)\] (\S+) (\S+) (\S+) (\S+) \.\.\.(.*)$")
+_TAIL_RE = re.compile(r"(?:^|\s)(bnx (?:[0-9.]+us|n/a)(?: |$).*)$")
+_TIME_RE = re.compile(r"^([0-9.]+)us(?: \(([0-9.]+)x\))?$")
+_NA_RE = re.compile(r"^n/a(?: \[(.*)\])?$")
+ABSENT = "absent (not in the progress log)"
+
+
+def _tail_parts(tail):
+    """A progress line's tail split at ' | ', with pieces that start with no known label (an error message
+    that contained ' | ') put back together."""
+    labels = tuple(t + " " for t in IMPL_TEXT.values()) + ("frac ", "MISMATCH ")
+    parts = []
+    for piece in tail.strip().split(" | "):
+        if parts and not piece.startswith(labels):
+            parts[-1] += " | " + piece
+        else:
+            parts.append(piece)
+    return parts
+
+
+def parse_progress_line(tail, impls):
+    """The fields of one case's progress tail (after 'PREFIX ...' and ' (compiling)'): dict with times_us,
+    speedup (as printed), errors, frac (bnx, as printed), host_us (bnx), max_rel_diff."""
+    rec = dict(times_us={}, speedup={}, errors={}, frac=None, host_us=None, max_rel_diff=None)
+    by_text = {IMPL_TEXT[i]: i for i in impls}
+    for part in _tail_parts(tail):
+        if part.startswith("bnx host "):
+            m = re.match(r"bnx host ([0-9.]+)us", part)
+            if m:
+                rec["host_us"] = float(m.group(1))
+            continue
+        if part.startswith("frac "):
+            v = part[5:].strip()
+            rec["frac"] = None if v == "n/a" else float(v)
+            continue
+        if part.startswith("MISMATCH vs native: max rel diff "):
+            rec["max_rel_diff"] = float(part.rsplit(" ", 1)[1])
+            continue
+        label, _, rest = part.partition(" ")
+        impl = by_text.get(label)
+        if impl is None:
+            continue
+        m = _TIME_RE.match(rest)
+        if m:
+            rec["times_us"][impl] = float(m.group(1))
+            if m.group(2):
+                rec["speedup"][impl] = float(m.group(2))
+            continue
+        m = _NA_RE.match(rest)
+        if m:
+            # without a bracket the case printed 'n/a' alone: a peer not run (--compile-passes)
+            rec["errors"][impl] = m.group(1) if m.group(1) is not None else "not run (--compile-passes)"
+    return rec
+
+
+def read_progress_log(path):
+    """Parse a progress log: (header dict, {case number: (prefix fields, tail, compiling)}).
+
+    Lines of other output (warnings) are skipped; a case whose tail was pushed to a later line by such output
+    is joined back to it. A case line without a tail (the run stopped during it) is left out."""
+    with open(path, errors="replace") as f:
+        lines = f.read().splitlines()
+    head, found, pending = {}, {}, None
+    for ln in lines:
+        m = _HEAD_RE.match(ln)
+        if m and "device_name" not in head:
+            head.update(device_name=m.group(1), device_type=m.group(2), torch=m.group(3), total=int(m.group(4)),
+                        impls=[t.strip() for t in m.group(5).split(",") if t.strip()], quick=bool(m.group(6)))
+            continue
+        m = _COPY_RE.match(ln)
+        if m and "copy_gbps" not in head:
+            head.update(copy_gbps=float(m.group(1)), copy_bytes=int(m.group(2)) << 20)
+            continue
+        m = _CASE_RE.match(ln)
+        if m:
+            pending = None
+            num, total, pname, dname, lay, shape_s, rest = m.groups()
+            key = (int(num), int(total), pname, dname, lay, shape_s)
+            compiling = "(compiling)" in rest
+            t = _TAIL_RE.search(rest)
+            if t:
+                found[int(num)] = (key, t.group(1), compiling)
+            else:
+                pending = (key, compiling)
+            continue
+        if pending is not None:
+            t = _TAIL_RE.search(ln)
+            if t and " | frac " in t.group(1):
+                found[pending[0][0]] = (pending[0], t.group(1), pending[1])
+                pending = None
+    return head, found
+
+
+def _rebuild(args):
+    path = args.from_progress
+    try:
+        head, found = read_progress_log(path)
+    except OSError as e:
+        raise BenchUsageError(f"--from-progress: can't read {path}: {e.strerror or e}")
+    if "device_type" not in head or "copy_gbps" not in head:
+        raise BenchUsageError(f"--from-progress: {path} has no 'bnx bench: ...' and 'copy bandwidth: ...' header "
+                              "lines (is it the stderr of python -m bnx bench?)")
+    bad = [i for i in head["impls"] if i not in IMPLS]
+    if bad or not head["impls"] or head["impls"][0] != "bnx":
+        raise BenchUsageError(f"--from-progress: {path}: unexpected impls {', '.join(head['impls'])}")
+    dev_type = head["device_type"]
+    is_cuda = dev_type == "cuda"
+    if args.device and args.device != dev_type:
+        raise BenchUsageError(f"--from-progress: the log is of a {dev_type} run, not --device {args.device}")
+    quick = head["quick"] or args.quick
+    impls = head["impls"]
+    passes, combos = _select_cases(args, dev_type, quick)
+    total = len(combos) * len(passes)
+    if total != head["total"]:
+        raise BenchUsageError(
+            f"--from-progress: the log's run had {head['total']} cases, these options select {total}: pass the "
+            "--shapes/--dtype/--layout/--passes/--quick it was run with")
+    copy_gbps = head["copy_gbps"]
+    cases, missing, n = [], [], 0
+    mismatches = []
+    for sname, shape, dname, lay in combos:
+        nsets = _nsets(shape, DTYPES[dname], torch.device("cpu"))
+        for pname in passes:
+            n += 1
+            case = _new_case(pname, dname, lay, shape, sname, nsets)
+            got = found.get(n)
+            if got is not None:
+                key = got[0]
+                if key[2:] != (pname, dname, lay, ",".join(map(str, shape))):
+                    raise BenchUsageError(
+                        f"--from-progress: case {n} of the log is {' '.join(key[2:])}, these options expect "
+                        f"{case_label(case)}: pass the --shapes/--dtype/--layout/--passes it was run with")
+                rec = parse_progress_line(got[1], impls)
+                case["times_us"] = rec["times_us"]
+                case["errors"] = {i: rec["errors"].get(i, ABSENT) for i in impls if i not in rec["times_us"]}
+                if rec["host_us"] is not None:
+                    case["host_us"]["bnx"] = rec["host_us"]
+                case["max_rel_diff_vs_native"] = rec["max_rel_diff"]
+                _finish_case(case, impls, copy_gbps)
+                # the printed values must agree with the ones recomputed from the printed times
+                tb = case["times_us"].get("bnx")
+                for i, sp in rec["speedup"].items():
+                    ti = case["times_us"][i]
+                    tol = 0.0051 + sp * (0.05 / tb + 0.05 / ti)
+                    if abs(case["speedup"].get(i, 0) - sp) > tol:
+                        mismatches.append(f"{case_label(case)} {i} speedup {sp} vs {case['speedup'].get(i)}")
+                fb = case["frac"].get("bnx")
+                if rec["frac"] is not None and fb is not None:
+                    tol = 0.0051 + fb * (0.05 / tb + 0.5 / copy_gbps)
+                    if abs(fb - rec["frac"]) > tol:
+                        mismatches.append(f"{case_label(case)} frac {rec['frac']} vs {fb:.4f}")
+            else:
+                case["errors"] = {i: ABSENT for i in impls}
+                missing.append(n)
+            cases.append(case)
+    if mismatches:
+        sys.stderr.write(f"--from-progress: {len(mismatches)} printed value(s) disagree with the ones recomputed "
+                         "from the printed times (kept the recomputed): " + "; ".join(mismatches[:5]) + "\n")
+    env = dict(device_type=dev_type, torch=head["torch"], cuda=None, cudnn=None, python=None, host=None,
+               threads=None, device_name=head["device_name"])
+    reps = args.reps if args.reps is not None else ((10 if quick else 20) if is_cuda else None)
+    warmup = args.warmup if args.warmup is not None else (3 if is_cuda else 2)
+    timing = _timing_text(is_cuda, reps, warmup, 0.08 if quick else 0.25) + \
+        " [as these options set it; the progress log doesn't record it]"
+    compile_exhausted = any("budget" in e for c in cases for e in c["errors"].values())
+    result = dict(tool="bnx bench", command=_command_line(args), argv=sys.argv, env=env, copy_gbps=copy_gbps,
+                  copy_bytes=head["copy_bytes"], timing=timing, quick=quick, impls=impls, passes=passes,
+                  pass_text={p: PASS_TEXT[p] for p in passes}, bytes_factor={p: BYTES_FACTOR[p] for p in passes},
+                  compile_seconds_total=None, compile_budget_exhausted=compile_exhausted, elapsed_seconds=None,
+                  cases=cases, summary=summarize(cases),
+                  from_progress=dict(log=path, log_abspath=os.path.abspath(path), cases_found=total - len(missing),
+                                     cases_total=total, missing=[case_label(cases[k - 1]) for k in missing],
+                                     missing_numbers=missing,
+                                     not_in_log="min_us, reps, compile_seconds, host_us of the peers, "
+                                                "max_rel_diff_vs_native (unless it was flagged), the env "
+                                                "beyond device name and torch version, elapsed time"))
+    out = sys.stdout
+    print_summary(result, out)
+    _write_reports(result, args, out)
+    return 0 if any(c["times_us"].get("bnx") for c in cases) else 1
 
 
 def _command_line(args):
@@ -821,15 +1065,25 @@ def _progress_tail(case, impls):
 
 def _header_lines(res):
     e = res["env"]
-    return [
+    v = lambda k: "n/a" if e.get(k) is None else e.get(k)  # noqa: E731
+    lines = [
         f"device: {e.get('device_name')} ({e['device_type']}"
         + (f", {e.get('sm_count')} SMs" if e.get("sm_count") else "") + ")",
-        f"torch {e['torch']}, CUDA {e.get('cuda')}, cuDNN {e.get('cudnn')}, bnx {e.get('bnx')}, "
-        f"threads {e.get('threads')}",
-        f"copy bandwidth: {res['copy_gbps']:.0f} GB/s (read + write, {res['copy_bytes'] >> 20} MiB)",
+        f"torch {e['torch']}, CUDA {v('cuda')}, cuDNN {v('cudnn')}, bnx {v('bnx')}, threads {v('threads')}",
+        f"copy bandwidth: {_gbps_text(res['copy_gbps'])} GB/s (read + write, {res['copy_bytes'] >> 20} MiB)",
         f"timing: {res['timing']}",
         f"command: {res['command']}",
     ]
+    fp = res.get("from_progress")
+    if fp:
+        lines.append(f"rebuilt from the progress log {fp['log']} (no timing in this run): {fp['cases_found']} of "
+                     f"{fp['cases_total']} cases"
+                     + (f"; absent: {'; '.join(fp['missing'])}" if fp["missing"] else ""))
+    pa = res.get("partial")
+    if pa:
+        lines.append(f"PARTIAL: {pa['cases_done']} of {pa['cases_total']} cases (written after each case; "
+                     "the run hadn't finished)")
+    return lines
 
 
 def print_summary(res, out):
@@ -842,11 +1096,20 @@ def print_summary(res, out):
         print(f"  {r['pass_']:<18}{r['dtype']:<6}{r['n']:>6}{_f(r['geomean_frac_bnx'], '.2f'):>10}"
               f"{_f(r['geomean_frac_best_peer'], '.2f'):>16}{_f(r['geomean_speedup_vs_native'], '.2f'):>11}"
               f"{_f(r['geomean_speedup_vs_best_peer'], '.2f'):>14}", file=out)
+    n_meas = sum(1 for c in res["cases"] if c["times_us"].get("bnx"))
+    took = ""
+    if res.get("elapsed_seconds") is not None:
+        took = f" in {res['elapsed_seconds']:.0f} s"
+        if res.get("compile_seconds_total") is not None:
+            took += (f" (compile {res['compile_seconds_total']:.0f} s"
+                     + (", budget exhausted" if res["compile_budget_exhausted"] else "") + ")")
     print(f"  min frac (bnx): {_f(s['min_frac_bnx'], '.3f')} ({s['min_frac_case']}); geomean frac over all "
           f"cases {_f(s['geomean_frac_bnx_all'], '.2f')}, geomean speedup vs best peer "
-          f"{_f(s['geomean_speedup_vs_best_peer_all'], '.2f')}x; {len(res['cases'])} cases in "
-          f"{res['elapsed_seconds']:.0f} s (compile {res['compile_seconds_total']:.0f} s"
-          + (", budget exhausted" if res["compile_budget_exhausted"] else "") + ")", file=out)
+          f"{_f(s['geomean_speedup_vs_best_peer_all'], '.2f')}x; {len(res['cases'])} cases"
+          + (f" ({n_meas} with a bnx time)" if n_meas != len(res["cases"]) else "") + took, file=out)
+    t = targets(res)
+    if t:
+        print("\n" + "\n".join(_targets_text(t)), file=out)
 
 
 def markdown(res):
@@ -857,7 +1120,8 @@ def markdown(res):
           "speedup = peer time / bnx time; best peer = the fastest of "
           + ", ".join(IMPL_TEXT[i] for i in impls if i != "bnx") + ". "
           "max rel diff = max |bnx - native| / max |native| over the pass's outputs. "
-          "bnx host us (GPU) = host time to issue one bnx call; above the device time the call is host-bound.",
+          "bnx host us (GPU) = host time to issue one bnx call; above the device time the call is host-bound "
+          "(flagged).",
           ""]
     L += ["Passes:", ""] + [f"- `{p}`: {res['pass_text'][p]}" for p in res["passes"]] + [""]
     s = res["summary"]
@@ -887,13 +1151,153 @@ def markdown(res):
                  + " | ".join(cells)
                  + f" | {_f(c['speedup'].get('native'), '.2f')} | {_f(c['speedup'].get('best_peer'), '.2f')} | "
                  f"{IMPL_TEXT.get(c['best_peer'], 'n/a')} | {_f(d, '.1e')} | "
-                 f"{_f(c.get('host_us', {}).get('bnx'), '.0f')} |")
-    errs = [(c, i, e) for c in res["cases"] for i, e in c["errors"].items() if not e.startswith("not run")]
-    if errs:
-        L += ["", "## Not measured", ""]
-        for c, i, e in errs:
-            L.append(f"- {case_label(c)}, {IMPL_TEXT[i]}: {e}")
+                 f"{_host_cell(c)} |")
+    nm = []
+    for c in res["cases"]:
+        errs = {i: e for i, e in c["errors"].items() if not e.startswith("not run")}
+        if errs and len(errs) == len(impls) and len(set(errs.values())) == 1:
+            nm.append(f"- {case_label(c)}: {next(iter(errs.values()))}")  # the whole case, one line
+        else:
+            nm += [f"- {case_label(c)}, {IMPL_TEXT[i]}: {e}" for i, e in errs.items()]
+    if nm:
+        L += ["", "## Not measured", ""] + nm
+    t = targets(res)
+    if t:
+        L += ["", "## Targets", ""] + _targets_markdown(t)
     return "\n".join(L) + "\n"
+
+
+# the project's GPU goals, checked by targets() on every GPU run that has the ResNet-50 train_fwd_bwd cases
+TARGETS = dict(fwd_bwd_geomean_frac=0.60, fwd_bwd_min_frac=0.40, vs_native={"bf16": 2.5, "fp32": 1.5},
+               vs_compile=1.2, wgrad_geomean_frac=0.70, eval_geomean_frac=0.80, launch_vs_native=1.0)
+LAUNCH_SHAPE = NAMED["launch"]
+
+
+def targets(res):
+    """The targets against the data: dict(items=[...], compile=[...], launch=[...]) or None (a CPU run, or no
+    ResNet-50 train_fwd_bwd cases). Items: what, value (text), goal (text), status (MET, NOT MET, NOT
+    MEASURED, or 'MET where measured'), detail. Judged on the unrounded values."""
+    if res["env"].get("device_type") != "cuda":
+        return None
+    T = TARGETS
+    rn = [c for c in res["cases"] if c["shape_name"] in RESNET and c["dtype"] in ("bf16", "fp32")
+          and c["layout"] in LAYOUTS]
+    fb = [c for c in rn if c["pass"] == "train_fwd_bwd"]
+    if not fb:
+        return None
+    items = []
+
+    def status(ok, measured=True):
+        return "NOT MEASURED" if not measured else ("MET" if ok else "NOT MET")
+
+    def frac_item(what, cs, goal):
+        vals = [c["frac"]["bnx"] for c in cs if c["frac"].get("bnx")]
+        g = geomean(vals)
+        items.append(dict(what=what, value=_f(g, ".3f"), goal=f">= {goal:.2f}", status=status(
+            g is not None and g >= goal, g is not None), detail=f"{len(vals)} of {len(cs)} cases"))
+
+    frac_item("train_fwd_bwd geomean frac", fb, T["fwd_bwd_geomean_frac"])
+    ok = [c for c in fb if c["frac"].get("bnx")]
+    mn = min(ok, key=lambda c: c["frac"]["bnx"]) if ok else None
+    low = [c for c in ok if c["frac"]["bnx"] < T["fwd_bwd_min_frac"]]
+    items.append(dict(what="train_fwd_bwd min frac", value=_f(mn and mn["frac"]["bnx"], ".3f"),
+                      goal=f"no case < {T['fwd_bwd_min_frac']:.2f}", status=status(not low, bool(ok)),
+                      detail=(f"lowest: {case_label(mn)}" if mn else "")
+                      + (f"; {len(low)} case(s) below: " + ", ".join(
+                          f"{c['dtype']} {c['layout']} {','.join(map(str, c['shape']))} {c['frac']['bnx']:.3f}"
+                          for c in low) if low else "")))
+    for d, goal in T["vs_native"].items():
+        cs = [c for c in fb if c["dtype"] == d]
+        if not cs:
+            continue
+        vals = [c["speedup"]["native"] for c in cs if c["speedup"].get("native")]
+        g = geomean(vals)
+        items.append(dict(what=f"train_fwd_bwd geomean speedup vs native, {d}", value=_f(g, ".2f") + "x",
+                          goal=f">= {goal}x", status=status(g is not None and g >= goal, g is not None),
+                          detail=f"{len(vals)} of {len(cs)} cases"))
+    comp = [(c, c["speedup"].get("compile")) for c in fb]
+    meas = [(c, v) for c, v in comp if v]
+    slow = [(c, v) for c, v in meas if v < T["vs_compile"]]
+    st = status(not slow, bool(meas))
+    if meas and not slow and len(meas) < len(comp):
+        st = "MET where measured"
+    items.append(dict(what="train_fwd_bwd speedup vs torch.compile, every case", value=(
+        f"min {min(v for _, v in meas):.2f}x" if meas else "n/a"), goal=f">= {T['vs_compile']}x", status=st,
+        detail=f"measured in {len(meas)} of {len(comp)} cases" + (f"; {len(slow)} below" if slow else "")))
+    for pname, key in (("frozen_bwd_wgrad", "wgrad_geomean_frac"), ("eval_fwd", "eval_geomean_frac")):
+        cs = [c for c in rn if c["pass"] == pname]
+        if cs:
+            frac_item(f"{pname} geomean frac", cs, T[key])
+    launch = [c for c in res["cases"] if tuple(c["shape"]) == LAUNCH_SHAPE]
+    if launch:
+        lv = [(c, c["speedup"].get("native")) for c in launch]
+        lm = [(c, v) for c, v in lv if v]
+        lslow = [(c, v) for c, v in lm if v < T["launch_vs_native"]]
+        st = status(not lslow, bool(lm))
+        if lm and not lslow and len(lm) < len(lv):
+            st = "MET where measured"
+        items.append(dict(
+            what=f"launch-bound {','.join(map(str, LAUNCH_SHAPE))}: speedup vs native, every case",
+            value=(f"min {min(v for _, v in lm):.2f}x" if lm else "n/a"), goal="no slower than native (>= 1x)",
+            status=st, detail=f"{len(lm)} of {len(lv)} cases" + (
+                f"; slower in {len(lslow)}: " + ", ".join(f"{c['pass']} {c['dtype']} {c['layout']} {v:.2f}x"
+                                                            for c, v in lslow) if lslow else "")))
+    else:
+        lv = []
+    return dict(items=items, compile=comp, launch=lv)
+
+
+_TARGET_SCOPE = ("train_fwd_bwd, frozen_bwd_wgrad and eval_fwd over the 5 ResNet-50 shapes x {bf16, fp32} x "
+                 "{nchw, nhwc}; frac = compulsory bytes / time / copy bandwidth; speedup = peer time / bnx time")
+
+
+def _targets_text(t):
+    L = ["targets (" + _TARGET_SCOPE + "):"]
+    w = max(len(it["status"]) for it in t["items"]) + 3
+    for it in t["items"]:
+        L.append(f"  {'[' + it['status'] + ']':<{w}}{it['what']}: {it['value']} (goal {it['goal']})"
+                 + (f"; {it['detail']}" if it["detail"] else ""))
+    met = sum(1 for it in t["items"] if it["status"] == "MET")
+    L.append(f"  met {met} of {len(t['items'])}; not met: "
+             + ("; ".join(it["what"] for it in t["items"] if it["status"] != "MET") or "none"))
+    L.append("  train_fwd_bwd speedup vs torch.compile per case:")
+    for c, v in t["compile"]:
+        L.append(f"    {c['dtype']:<5}{c['layout']:<5}{','.join(map(str, c['shape'])):<18}"
+                 + (f"{v:.2f}x" if v else "n/a (" + c["errors"].get("compile", "n/a") + ")"))
+    if t["launch"]:
+        L.append(f"  launch-bound {','.join(map(str, LAUNCH_SHAPE))}: speedup vs native per case:")
+        for c, v in t["launch"]:
+            L.append(f"    {c['pass']:<18}{c['dtype']:<5}{c['layout']:<5}"
+                     + (f"{v:.2f}x" + ("  SLOWER" if v < TARGETS["launch_vs_native"] else "") if v else "n/a"))
+    return L
+
+
+def _targets_markdown(t):
+    L = ["Scope: " + _TARGET_SCOPE + ". Judged on the unrounded values.", "",
+         "| target | value | goal | status | detail |", "|---|---:|---|---|---|"]
+    for it in t["items"]:
+        L.append(f"| {it['what']} | {it['value']} | {it['goal']} | **{it['status']}** | {it['detail']} |")
+    met = sum(1 for it in t["items"] if it["status"] == "MET")
+    L += ["", f"Met {met} of {len(t['items'])}; not met: "
+          + ("; ".join(it["what"] for it in t["items"] if it["status"] != "MET") or "none") + ".", "",
+          "train_fwd_bwd speedup over torch.compile per case:", "",
+          "| dtype | layout | shape | vs compile |", "|---|---|---|---:|"]
+    for c, v in t["compile"]:
+        L.append(f"| {c['dtype']} | {c['layout']} | {','.join(map(str, c['shape']))} | "
+                 + (f"{v:.2f}x" if v else "n/a (" + c["errors"].get("compile", "n/a") + ")") + " |")
+    if t["launch"]:
+        L += ["", f"Launch-bound shape {','.join(map(str, LAUNCH_SHAPE))}, speedup over native per case:", "",
+              "| pass | dtype | layout | vs native |", "|---|---|---|---:|"]
+        for c, v in t["launch"]:
+            L.append(f"| {c['pass']} | {c['dtype']} | {c['layout']} | "
+                     + (f"{v:.2f}x" + (" (slower)" if v < TARGETS["launch_vs_native"] else "") if v else "n/a")
+                     + " |")
+    return L
+
+
+def _host_cell(c):
+    h, t = c.get("host_us", {}).get("bnx"), c["times_us"].get("bnx")
+    return _f(h, ".0f") + (" (host-bound)" if h is not None and t and h > t else "")
 
 
 def plot(res, path):

@@ -190,6 +190,141 @@ def test_bench_importable():
         sys.path.pop(0)
 
 
+def _case_key(c):
+    return (c["pass"], c["dtype"], c["layout"], tuple(c["shape"]))
+
+
+def test_bench_from_progress_matches_run(tmp_path):
+    """A tiny CPU bench with its progress log (stderr) captured; --from-progress on that log rebuilds the same
+    cases and times (to the printed precision)."""
+    js, md = tmp_path / "b.json", tmp_path / "b.md"
+    opts = ["--shapes", "4,8,6,6", "--passes", "train_fwd,train_fwd_bwd,eval_fwd,bnx_train_frozen"]
+    p = run_bnx("bench", "--device", "cpu", "--quick", "--reps", "3", "--threads", "1", *opts, "--json", js,
+                "--md", md)
+    assert p.returncode == 0, p.stderr
+    log = tmp_path / "progress.log"
+    log.write_text(p.stderr)
+    rjs, rmd, rpng = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png"
+    q = run_bnx("bench", "--from-progress", log, *opts, "--json", rjs, "--md", rmd, "--plot", rpng)
+    assert q.returncode == 0, q.stderr
+    a, b = json.loads(js.read_text()), json.loads(rjs.read_text())
+    assert "partial" not in a and "from_progress" not in a
+    fp = b["from_progress"]
+    assert fp["log"] == str(log) and fp["cases_found"] == fp["cases_total"] == len(a["cases"]) == 8
+    assert fp["missing"] == []
+    assert b["env"]["device_type"] == "cpu" and b["env"]["torch"] == a["env"]["torch"]
+    assert b["impls"] == a["impls"] and b["passes"] == a["passes"] and b["quick"] is True
+    assert abs(b["copy_gbps"] - a["copy_gbps"]) <= 5e-4 * a["copy_gbps"]  # printed to 4 significant digits
+    assert b["copy_bytes"] == a["copy_bytes"]
+    assert [_case_key(c) for c in b["cases"]] == [_case_key(c) for c in a["cases"]]
+    for ca, cb in zip(a["cases"], b["cases"]):
+        for k in ("shape_name", "elements", "bytes_per_element", "compulsory_bytes", "input_sets", "best_peer"):
+            assert cb[k] == ca[k], (k, ca, cb)
+        assert set(cb["times_us"]) == set(ca["times_us"]) == {"bnx", "native"}
+        assert cb["errors"] == ca["errors"]
+        tb = ca["times_us"]["bnx"]
+        for i, t in ca["times_us"].items():
+            assert abs(cb["times_us"][i] - t) <= 0.05 + 1e-9 * t, (i, t, cb["times_us"][i])  # printed as .1f
+            rel = 0.05 / t + 6e-4
+            assert cb["frac"][i] == pytest.approx(ca["frac"][i], rel=rel)
+        s = ca["speedup"]["native"]
+        assert cb["speedup"]["native"] == pytest.approx(s, rel=0.05 / tb + 0.05 / ca["times_us"]["native"] + 1e-9)
+    # the same summary, reports written like a normal run's
+    assert [(r["pass_"], r["dtype"], r["n"]) for r in b["summary"]["rows"]] == \
+        [(r["pass_"], r["dtype"], r["n"]) for r in a["summary"]["rows"]]
+    assert b["summary"]["min_frac_case"] == a["summary"]["min_frac_case"]
+    text = rmd.read_text()
+    assert "| train_fwd_bwd | fp32 | nhwc | 4,8,6,6 |" in text and "rebuilt from the progress log" in text
+    assert rpng.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "min frac (bnx)" in q.stdout and "8 of 8 cases" in q.stdout
+    # options that select another case list than the log's: one-line usage error
+    q = run_bnx("bench", "--from-progress", log, "--shapes", "4,8,6,6", "--json", tmp_path / "x.json")
+    assert q.returncode == 2 and len(stderr_lines(q)) == 1 and "cases" in q.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+_GPU_LOG = """\
+bnx bench: NVIDIA H200 (cuda), torch 2.11.0+cu130, 196 cases, impls bnx, native, native_nocudnn, compile
+copy bandwidth: 4181 GB/s (device-to-device copy of 1024 MiB, read + write)
+[1/196] train_fwd bf16 nchw 256,64,112,112 ... bnx 336.0us | native 2990.8us (8.90x) | no-cuDNN 2995.1us (8.91x) \
+| compile n/a | frac 0.59 | bnx host 90us
+[2/196] train_bwd bf16 nchw 256,64,112,112 ... bnx 505.5us | native 5586.6us (11.05x) | no-cuDNN n/a [OOM] \
+| compile n/a [n/a (compile budget exhausted)] | frac 0.58 | bnx host 606us (HOST-BOUND)
+[3/196] train_fwd_bwd bf16 nchw 256,64,112,112 ... (compiling)/some/file.py:1: UserWarning: a warning | with a bar
+  warnings.warn(
+ bnx 839.4us | native 8582.3us (10.22x) | no-cuDNN 8580.0us (10.22x) | compile 1294.0us (1.54x) | frac 0.59 \
+| bnx host 289us | MISMATCH vs native: max rel diff 2.0e-01
+[4/196] eval_fwd bf16 nchw 256,64,112,112 ...python -m bnx bench: interrupted
+"""
+
+
+def test_bench_from_progress_gpu_log_partial(tmp_path):
+    """A GPU run's log cut short (no GPU needed): the fields of each line, the missing cases, the targets."""
+    log = tmp_path / "gpu.log"
+    log.write_text(_GPU_LOG)
+    js, md = tmp_path / "g.json", tmp_path / "g.md"
+    p = run_bnx("bench", "--from-progress", log, "--json", js, "--md", md)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(js.read_text())
+    assert d["env"]["device_name"] == "NVIDIA H200" and d["env"]["device_type"] == "cuda"
+    assert d["copy_gbps"] == 4181 and d["copy_bytes"] == 1 << 30
+    assert d["impls"] == ["bnx", "native", "native_nocudnn", "compile"]
+    assert len(d["cases"]) == 196
+    fp = d["from_progress"]
+    assert fp["cases_found"] == 3 and fp["cases_total"] == 196 and len(fp["missing"]) == 193
+    assert fp["missing"][0] == "eval_fwd bf16 nchw 256,64,112,112"
+    c1, c2, c3, c4 = d["cases"][:4]
+    assert c1["times_us"] == {"bnx": 336.0, "native": 2990.8, "native_nocudnn": 2995.1}
+    assert c1["errors"] == {"compile": "not run (--compile-passes)"} and c1["host_us"] == {"bnx": 90.0}
+    E = 256 * 64 * 112 * 112
+    assert c1["compulsory_bytes"] == 2 * E * 2
+    assert c1["frac"]["bnx"] == pytest.approx(2 * E * 2 / 336.0e-6 / 4181e9)
+    assert c1["frac"]["native"] == pytest.approx(2 * E * 2 / 2990.8e-6 / 4181e9)
+    assert c1["speedup"]["native"] == pytest.approx(2990.8 / 336.0) and c1["best_peer"] == "native"
+    assert c2["errors"] == {"native_nocudnn": "OOM", "compile": "n/a (compile budget exhausted)"}
+    assert c2["host_us"] == {"bnx": 606.0} and d["compile_budget_exhausted"] is True
+    assert c3["times_us"]["compile"] == 1294.0 and c3["speedup"]["compile"] == pytest.approx(1294.0 / 839.4)
+    assert c3["max_rel_diff_vs_native"] == pytest.approx(0.2) and c3["best_peer"] == "compile"
+    assert c4["times_us"] == {} and set(c4["errors"].values()) == {"absent (not in the progress log)"}
+    text = md.read_text()
+    assert "606 (host-bound)" in text and "3 of 196 cases" in text
+    assert "- eval_fwd bf16 nchw 256,64,112,112: absent (not in the progress log)" in text
+    assert "## Targets" in text and "train_fwd_bwd geomean frac" in text
+    assert "targets (" in p.stdout and "NOT MEASURED" in p.stdout
+
+
+def test_bench_writes_results_after_each_case(tmp_path):
+    """A run stopped part-way (SIGINT, as scripts/gpu_check.sh's timeout does) leaves the JSON and markdown of
+    the cases done, marked partial."""
+    import signal
+    js, md = tmp_path / "b.json", tmp_path / "b.md"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.Popen([sys.executable, "-m", "bnx", "bench", "--device", "cpu", "--shapes", "8,64,28,28",
+                             "--reps", "40", "--threads", "1", "--json", str(js), "--md", str(md)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        while "[3/" not in seen:  # case 3 started: cases 1 and 2 have been written
+            ch = proc.stderr.read(1)
+            if not ch:
+                break
+            seen += ch
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "[3/" in seen, seen
+    d = json.loads(js.read_text())
+    if "partial" not in d:
+        pytest.skip("the run finished before the signal")
+    assert d["partial"]["cases_total"] == 14 and d["partial"]["cases_done"] == len(d["cases"]) >= 2
+    assert all(c["times_us"]["bnx"] > 0 for c in d["cases"])
+    assert "PARTIAL: " in md.read_text()
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
 # --------------------------------------------------------------------------------------------------
 # errors and help
 # --------------------------------------------------------------------------------------------------
