@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-import bnx  # noqa: F401  (loads the extension and registers torch.ops.bnx)
+import bnx  # loads the extension and registers torch.ops.bnx
 
 
 def pytest_configure(config):
@@ -112,3 +112,13 @@ def assert_close(actual, expected, atol, rtol, msg=""):
         actual.detach().double().cpu(), expected.detach().double().cpu(), atol=atol, rtol=rtol,
         msg=(lambda m: f"{msg}: {m}") if msg else None,
     )
+
+
+def train_fwd_bwd(x, w, b, gy, formula, rm=None, rv=None):
+    """bnx training forward + backward on fresh leaves: [y, grad x, grad weight, grad bias]."""
+    x = x.clone().requires_grad_()
+    w = w.clone().requires_grad_()
+    b = b.clone().requires_grad_()
+    y = bnx.functional.batch_norm(x, rm, rv, w, b, training=True, backward=formula)
+    y.backward(gy)
+    return [y.detach(), x.grad, w.grad, b.grad]

@@ -8,20 +8,11 @@ import pytest
 import torch
 
 import bnx
-from conftest import HAS_CUDA, LARGE_ENABLED, assert_close, requires_cuda
+from conftest import HAS_CUDA, LARGE_ENABLED, assert_close, requires_cuda, train_fwd_bwd
 
 pytestmark = requires_cuda
 ops = torch.ops.bnx
 DEV = "cuda"
-
-
-def _fwd_bwd(x, w, b, gy, formula, rm=None, rv=None):
-    x = x.clone().requires_grad_()
-    w = w.clone().requires_grad_()
-    b = b.clone().requires_grad_()
-    y = bnx.functional.batch_norm(x, rm, rv, w, b, training=True, backward=formula)
-    y.backward(gy)
-    return [y.detach(), x.grad, w.grad, b.grad]
 
 
 def test_runs_on_current_stream():
@@ -33,7 +24,7 @@ def test_runs_on_current_stream():
     new = torch.randn(shape, device=DEV) * 3 + 2
     gy = torch.randn(shape, device=DEV)
     w, b = torch.rand(8, device=DEV) + 0.5, torch.randn(8, device=DEV)
-    expected = _fwd_bwd(new, w, b, gy, "batch")
+    expected = train_fwd_bwd(new, w, b, gy, "batch")
     torch.cuda.synchronize()
 
     x = old.clone()
@@ -43,7 +34,7 @@ def test_runs_on_current_stream():
     with torch.cuda.stream(s):
         torch.cuda._sleep(int(2e8))  # ~0.1 s of GPU time on s
         x.copy_(new)  # happens on s after the sleep
-        got = _fwd_bwd(x, w, b, gy, "batch")
+        got = train_fwd_bwd(x, w, b, gy, "batch")
         mean, invstd = ops.batch_norm_stats(x, None, None, None, 0.1, 1e-5)
         y_op = ops.batch_norm_elemt(x, w, b, mean, invstd)
     torch.cuda.current_stream().wait_stream(s)
@@ -185,7 +176,7 @@ def test_fused_passes_match_reference(dtype, shape):
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
     for formula in ("batch", "frozen"):
         rm, rv = torch.zeros(C, device=DEV), torch.ones(C, device=DEV)
-        got = _fwd_bwd(x, w, b, gy, formula, rm, rv)
+        got = train_fwd_bwd(x, w, b, gy, formula, rm, rv)
         xd = x.double().cpu().requires_grad_()
         wd, bd = w.double().cpu().requires_grad_(), b.double().cpu().requires_grad_()
         rmd, rvd = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)

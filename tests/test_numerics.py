@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bnx
-from conftest import DEVICES
+from conftest import DEVICES, train_fwd_bwd
 
 ops = torch.ops.bnx
 
@@ -87,15 +87,6 @@ def test_bfloat16_accumulates_in_float32(device, memory_format):
     assert ((sum_dy_xmu.double() - sum_dy_xmu_ref).abs() / scale_xmu).max().item() < 1e-5
 
 
-def _fwd_bwd(x, w, b, gy, formula, rm=None, rv=None):
-    x = x.clone().requires_grad_()
-    w = w.clone().requires_grad_()
-    b = b.clone().requires_grad_()
-    y = bnx.functional.batch_norm(x, rm, rv, w, b, training=True, backward=formula)
-    y.backward(gy)
-    return [y.detach(), x.grad, w.grad, b.grad]
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
@@ -111,7 +102,7 @@ def test_determinism(device, dtype, memory_format, formula):
     res = []
     for _ in range(2):
         rm, rv = torch.zeros(24, device=device, dtype=dtype), torch.ones(24, device=device, dtype=dtype)
-        res.append(_fwd_bwd(x, w, b, gy, formula, rm, rv) + [rm, rv])
+        res.append(train_fwd_bwd(x, w, b, gy, formula, rm, rv) + [rm, rv])
     for i, (a, c) in enumerate(zip(*res)):
         assert torch.equal(a, c), i
     # and the op-level reductions
