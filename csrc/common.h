@@ -17,7 +17,6 @@ struct Layout {
   int64_t rows = 0;   // N * inner: elements per channel (M)
   bool channels_last = false;
   at::MemoryFormat format = at::MemoryFormat::Contiguous;
-  int64_t count() const { return rows; }
 };
 
 // The memory format the ops compute in and return: channels_last(_3d) when the input is dense in that
