@@ -21,6 +21,7 @@ __all__ = [
     "functional",
     "decompose_input_gradient",
     "has_cuda_kernels",
+    "cpu_kernels",
 ]
 
 __version__ = "0.1.0"
@@ -29,6 +30,12 @@ __version__ = "0.1.0"
 def has_cuda_kernels() -> bool:
     """True when this build of bnx carries CUDA kernels (independent of whether a GPU is present)."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("bnx::batch_norm_elemt", "CUDA")
+
+
+def cpu_kernels() -> str:
+    """The instruction set the CPU kernels run with: "avx2" (AVX2 + FMA, chosen when the CPU has both) or
+    "default" (the compiler's baseline; also what BNX_CPU_KERNELS=default asks for)."""
+    return _C.cpu_kernels
 
 
 def __getattr__(name):

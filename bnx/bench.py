@@ -460,6 +460,7 @@ def _env(device, args_threads):
     try:
         import bnx
         info["bnx"] = getattr(bnx, "__version__", None)
+        info["bnx_cpu_kernels"] = bnx.cpu_kernels()
     except Exception:
         pass
     return info
@@ -1069,7 +1070,8 @@ def _header_lines(res):
     lines = [
         f"device: {e.get('device_name')} ({e['device_type']}"
         + (f", {e.get('sm_count')} SMs" if e.get("sm_count") else "") + ")",
-        f"torch {e['torch']}, CUDA {v('cuda')}, cuDNN {v('cudnn')}, bnx {v('bnx')}, threads {v('threads')}",
+        f"torch {e['torch']}, CUDA {v('cuda')}, cuDNN {v('cudnn')}, bnx {v('bnx')}, threads {v('threads')}"
+        + (f", bnx CPU kernels {e['bnx_cpu_kernels']}" if e["device_type"] == "cpu" and e.get("bnx_cpu_kernels") else ""),
         f"copy bandwidth: {_gbps_text(res['copy_gbps'])} GB/s (read + write, {res['copy_bytes'] >> 20} MiB)",
         f"timing: {res['timing']}",
         f"command: {res['command']}",

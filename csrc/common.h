@@ -81,6 +81,9 @@ void check_backward_args(const at::Tensor& grad_out, const at::Tensor& input, co
                          const at::Tensor& invstd);
 void check_count(int64_t count);
 
+// The instruction set of the CPU kernels in use: "avx2" or "default" (csrc/cpu/kernel_dispatch.h).
+const char* cpu_kernels_name();
+
 inline at::Tensor value_or_undefined(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? *t : at::Tensor();
 }

@@ -3,11 +3,19 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 extern "C" {
-// `import bnx._C` loads this library, which registers the ops below; the module itself is empty.
+// `import bnx._C` loads this library, which registers the ops below. The module itself only carries
+// `cpu_kernels`, the instruction set the CPU kernels run with ("avx2" or "default").
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddStringConstant(module, "cpu_kernels", bnx::cpu_kernels_name()) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 

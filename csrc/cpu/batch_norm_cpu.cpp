@@ -1,8 +1,7 @@
-// CPU kernels for the bnx ops. Work is split with at::parallel_for; inner loops run over contiguous memory
-// and are written for the compiler to vectorize (`omp simd`; the build passes -fopenmp).
+// The CPU ops of bnx: argument handling, per-channel coefficients and the running-statistics update. The
+// loops over the input are the kernels of kernel_api.h (compiled for the baseline and for AVX2).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -11,131 +10,12 @@
 #include <vector>
 
 #include "../common.h"
+#include "kernel_dispatch.h"
 
 namespace bnx {
 namespace {
 
 using at::Tensor;
-
-constexpr int64_t kGrainElements = 1 << 15;  // elements per parallel task, at least
-constexpr int64_t kBlock = 4096;             // elements summed in opmath before moving into double
-constexpr int kLanes = 16;                   // independent partial sums in the plane-wise reductions
-
-// Per-channel sums of the two values f(idx, c) returns, over every element of the channel.
-// Partial sums are kept per fixed slice of the data, so the result does not depend on thread timing.
-template <typename opmath_t, typename F>
-void channel_sums(const Layout& L, const F& f, std::vector<double>& sum1, std::vector<double>& sum2) {
-  const int64_t C = L.C;
-  sum1.assign(C, 0.0);
-  sum2.assign(C, 0.0);
-  if (L.rows == 0 || C == 0) return;
-  if (!L.channels_last) {
-    const int64_t S = L.inner;
-    at::parallel_for(0, C, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, L.rows)),
-                     [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        double t1 = 0, t2 = 0;
-        for (int64_t n = 0; n < L.N; ++n) {
-          const int64_t base = (n * C + c) * S;
-          for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
-            const int64_t s1 = std::min(S, s0 + kBlock);
-            // Independent lanes the compiler maps onto vector registers (a reduction into one scalar
-            // would not vectorize without reassociation).
-            opmath_t a[kLanes] = {}, b[kLanes] = {};
-            int64_t s = s0;
-            for (; s + kLanes <= s1; s += kLanes) {
-#pragma omp simd
-              for (int l = 0; l < kLanes; ++l) {
-                const auto v = f(base + s + l, c);
-                a[l] += v.first;
-                b[l] += v.second;
-              }
-            }
-            for (; s < s1; ++s) {
-              const auto v = f(base + s, c);
-              a[0] += v.first;
-              b[0] += v.second;
-            }
-            for (int l = 0; l < kLanes; ++l) {
-              t1 += a[l];
-              t2 += b[l];
-            }
-          }
-        }
-        sum1[c] = t1;
-        sum2[c] = t2;
-      }
-    });
-    return;
-  }
-  // Rows of C channels: each slice of rows accumulates all channels, then the slices are added in order.
-  const int64_t rows = L.rows;
-  const int64_t rows_per_slice = std::max<int64_t>(1, kGrainElements / C);
-  const int64_t slices = std::min<int64_t>((rows + rows_per_slice - 1) / rows_per_slice,
-                                           std::max<int64_t>(1, 4 * at::get_num_threads()));
-  std::vector<double> partial(static_cast<size_t>(slices * 2 * C), 0.0);
-  const int64_t row_block = std::max<int64_t>(1, kBlock / C);
-  at::parallel_for(0, slices, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<opmath_t> a(C), b(C);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = rows * t / slices, r1 = rows * (t + 1) / slices;
-      double* p1 = partial.data() + t * 2 * C;
-      double* p2 = p1 + C;
-      for (int64_t rb = r0; rb < r1; rb += row_block) {
-        std::fill(a.begin(), a.end(), opmath_t(0));
-        std::fill(b.begin(), b.end(), opmath_t(0));
-        opmath_t* pa = a.data();
-        opmath_t* pb = b.data();
-        for (int64_t r = rb; r < std::min(r1, rb + row_block); ++r) {
-          const int64_t base = r * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const auto v = f(base + c, c);
-            pa[c] += v.first;
-            pb[c] += v.second;
-          }
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          p1[c] += pa[c];
-          p2[c] += pb[c];
-        }
-      }
-    }
-  });
-  for (int64_t t = 0; t < slices; ++t) {
-    const double* p1 = partial.data() + t * 2 * C;
-    for (int64_t c = 0; c < C; ++c) {
-      sum1[c] += p1[c];
-      sum2[c] += p1[C + c];
-    }
-  }
-}
-
-// out[idx] = g(idx, c) for every element.
-template <typename scalar_t, typename G>
-void channel_map(const Layout& L, scalar_t* out, const G& g) {
-  const int64_t C = L.C;
-  if (L.rows == 0 || C == 0) return;
-  if (!L.channels_last) {
-    const int64_t S = L.inner;
-    at::parallel_for(0, L.N * C, std::max<int64_t>(1, kGrainElements / S), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t c = p % C;
-        const int64_t base = p * S;
-#pragma omp simd
-        for (int64_t s = 0; s < S; ++s) out[base + s] = static_cast<scalar_t>(g(base + s, c));
-      }
-    });
-    return;
-  }
-  at::parallel_for(0, L.rows, std::max<int64_t>(1, kGrainElements / C), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t base = r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) out[base + c] = static_cast<scalar_t>(g(base + c, c));
-    }
-  });
-}
 
 // A per-channel tensor as a contiguous vector of the statistics dtype (weight 1 / bias 0 when absent).
 template <typename opmath_t>
@@ -187,10 +67,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input_, const c10:
     }
     const opmath_t* k = shift.data();
     std::vector<double> s1, s2;
-    channel_sums<opmath_t>(L, [=](int64_t i, int64_t c) {
-      const opmath_t d = static_cast<opmath_t>(x[i]) - k[c];
-      return std::make_pair(d, d * d);
-    }, s1, s2);
+    with_cpu_kernels([&](auto kernels) { kernels.moments_sums(L, x, k, s1, s2); });
     std::vector<double> m(C), iv(C), var_unbiased(C);
     for (int64_t c = 0; c < C; ++c) {
       const double d = M > 0 ? s1[c] / M : 0.0;
@@ -227,12 +104,9 @@ Tensor affine_map(const Tensor& input, const Layout& L, const Tensor& weight, co
       scale[c] = w[c] * is[c];
       offset[c] = b[c] - mu[c] * scale[c];
     }
-    const opmath_t* sc = scale.data();
-    const opmath_t* of = offset.data();
     const scalar_t* x = input.const_data_ptr<scalar_t>();
-    channel_map(L, out.mutable_data_ptr<scalar_t>(), [=](int64_t i, int64_t c) {
-      return static_cast<opmath_t>(x[i]) * sc[c] + of[c];
-    });
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    with_cpu_kernels([&](auto kernels) { kernels.affine_map(L, x, scale.data(), offset.data(), y); });
   });
   return out;
 }
@@ -277,21 +151,11 @@ void backward_sums(const Layout& L, const Tensor& grad_out, const Tensor& input,
                    std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu, const opmath_t* dx_scale,
                    scalar_t* dx) {
   const auto mu = channel_values<opmath_t>(mean, L.C, 0);
-  const opmath_t* m = mu.data();
   const scalar_t* x = input.const_data_ptr<scalar_t>();
   const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
-  if (dx != nullptr) {
-    channel_sums<opmath_t>(L, [=](int64_t i, int64_t c) {
-      const opmath_t g = static_cast<opmath_t>(dy[i]);
-      dx[i] = static_cast<scalar_t>(g * dx_scale[c]);
-      return std::make_pair(g, g * (static_cast<opmath_t>(x[i]) - m[c]));
-    }, sum_dy, sum_dy_xmu);
-  } else {
-    channel_sums<opmath_t>(L, [=](int64_t i, int64_t c) {
-      const opmath_t g = static_cast<opmath_t>(dy[i]);
-      return std::make_pair(g, g * (static_cast<opmath_t>(x[i]) - m[c]));
-    }, sum_dy, sum_dy_xmu);
-  }
+  with_cpu_kernels([&](auto kernels) {
+    kernels.backward_sums(L, dy, x, mu.data(), dx_scale, dx, sum_dy, sum_dy_xmu);
+  });
 }
 
 struct BackwardArgs {
@@ -343,11 +207,11 @@ Tensor batch_grad_input(const BackwardArgs& a, const Tensor& weight, const Tenso
       xmu_coef[c] = -gain[c] * is[c] * is[c] * sdx[c] * inv_count;
       offset[c] = -gain[c] * sdy[c] * inv_count;
     }
-    const opmath_t *g = gain.data(), *k = xmu_coef.data(), *o = offset.data(), *m = mu.data();
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
     const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
-    channel_map(a.L, dx.mutable_data_ptr<scalar_t>(), [=](int64_t i, int64_t c) {
-      return static_cast<opmath_t>(dy[i]) * g[c] + (static_cast<opmath_t>(x[i]) - m[c]) * k[c] + o[c];
+    scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+    with_cpu_kernels([&](auto kernels) {
+      kernels.grad_input_map(a.L, dy, x, mu.data(), gain.data(), xmu_coef.data(), offset.data(), out);
     });
   });
   return dx;
@@ -378,7 +242,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
   Tensor grad_weight = at::empty({0}, grad_param_options);
   Tensor grad_bias = at::empty({0}, grad_param_options);
   const bool need_sums = output_mask[1] || output_mask[2] || (formula == Formula::Batch && output_mask[0]);
-  if (output_mask[0]) grad_input = at::empty_like(a.input, a.L.format);
+  // (The batch formula's grad_input comes from batch_grad_input.)
+  if (output_mask[0] && formula == Formula::Frozen) grad_input = at::empty_like(a.input, a.L.format);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const int64_t C = a.L.C;
@@ -399,15 +264,17 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
         grad_input = batch_grad_input(a, weight, mean, invstd, sum_dy, sum_dy_xmu, a.L.rows);
       }
     } else if (frozen_dx != nullptr) {
-      const opmath_t* g = gain.data();
       const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
-      channel_map(a.L, frozen_dx, [=](int64_t i, int64_t c) { return static_cast<opmath_t>(dy[i]) * g[c]; });
+      with_cpu_kernels([&](auto kernels) { kernels.scale_map(a.L, dy, gain.data(), frozen_dx); });
     }
   });
   return {grad_input, grad_weight, grad_bias};
 }
 
 }  // namespace
+
+const char* cpu_kernels_name() { return use_cpu_avx2_kernels() ? "avx2" : "default"; }
+
 }  // namespace bnx
 
 TORCH_LIBRARY_IMPL(bnx, CPU, m) {

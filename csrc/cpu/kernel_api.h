@@ -1,0 +1,39 @@
+// The CPU kernels of the bnx ops, declared for one instruction set: BNX_CPU_ISA names the namespace.
+// batch_norm_cpu.cpp includes this once per instruction set; kernels_impl.h defines the members.
+// (No include guard on purpose.)
+#include "kernel_deps.h"
+
+namespace bnx {
+namespace BNX_CPU_ISA {
+
+// Loops over the input in its memory order. Per-channel coefficients are contiguous arrays of the
+// accumulation type (opmath: float for half types and float, double for double); sums come back in double.
+struct Kernels {
+  template <typename scalar_t>
+  using opmath = at::opmath_type<scalar_t>;
+
+  // sum (x - shift[c]) and sum (x - shift[c])^2 per channel.
+  template <typename scalar_t>
+  static void moments_sums(const Layout& L, const scalar_t* x, const opmath<scalar_t>* shift,
+                           std::vector<double>& sum, std::vector<double>& sum_sq);
+  // out = x * scale[c] + offset[c].
+  template <typename scalar_t>
+  static void affine_map(const Layout& L, const scalar_t* x, const opmath<scalar_t>* scale,
+                         const opmath<scalar_t>* offset, scalar_t* out);
+  // sum dy and sum dy * (x - mean[c]) per channel; with dx, also dx = dx_scale[c] * dy in the same pass.
+  template <typename scalar_t>
+  static void backward_sums(const Layout& L, const scalar_t* dy, const scalar_t* x, const opmath<scalar_t>* mean,
+                            const opmath<scalar_t>* dx_scale, scalar_t* dx, std::vector<double>& sum_dy,
+                            std::vector<double>& sum_dy_xmu);
+  // dx = dy * gain[c] + (x - mean[c]) * xmu_coef[c] + offset[c] (the batch-statistics input gradient).
+  template <typename scalar_t>
+  static void grad_input_map(const Layout& L, const scalar_t* dy, const scalar_t* x, const opmath<scalar_t>* mean,
+                             const opmath<scalar_t>* gain, const opmath<scalar_t>* xmu_coef,
+                             const opmath<scalar_t>* offset, scalar_t* dx);
+  // dx = dy * gain[c] (the frozen-statistics input gradient alone).
+  template <typename scalar_t>
+  static void scale_map(const Layout& L, const scalar_t* dy, const opmath<scalar_t>* gain, scalar_t* dx);
+};
+
+}  // namespace BNX_CPU_ISA
+}  // namespace bnx

@@ -1,0 +1,230 @@
+// Definitions of the CPU kernels declared in kernel_api.h, for the instruction set the including file
+// selects (kernels_default.cpp: the compiler's baseline; kernels_avx2.cpp: AVX2 + FMA). Inner loops run
+// over contiguous memory and are written for the compiler to vectorize (`omp simd`; built with -fopenmp).
+#include "kernel_api.h"
+
+namespace bnx {
+namespace BNX_CPU_ISA {
+namespace {
+
+constexpr int64_t kGrainElements = 1 << 15;  // elements per parallel task, at least
+constexpr int64_t kBlock = 4096;             // elements summed in opmath before moving into double
+constexpr int kLanes = 16;                   // independent partial sums in the plane-wise reductions
+constexpr int64_t kRowUnroll = 4;            // channels-last sums: rows added per accumulator update
+
+// Sum of kLanes partial sums, as a tree (vectorizes; a chain of kLanes dependent adds does not).
+template <typename opmath_t>
+inline opmath_t sum_lanes(opmath_t* v) {
+  for (int w = kLanes / 2; w > 0; w /= 2) {
+#pragma omp simd
+    for (int l = 0; l < w; ++l) v[l] += v[l + w];
+  }
+  return v[0];
+}
+
+// Per-channel sums of the two values f(idx, c) returns, over every element of the channel.
+// The memory is cut into a fixed number of slices, each read in order by one task into its own per-channel
+// partial sums; the partials are then added in slice order, so the result does not depend on thread timing.
+// Reading in memory order (rather than channel by channel, which in NC* memory jumps between the N planes
+// of a channel) keeps the hardware prefetchers ahead of the loads.
+// unroll_rows: channels-last rows are added kRowUnroll at a time (fewer accumulator loads and stores). Faster
+// for the single-input statistics; slower when two inputs are read (the backward sums), measured here.
+template <bool unroll_rows, typename opmath_t, typename F>
+void channel_sums(const Layout& L, const F& f, std::vector<double>& sum1, std::vector<double>& sum2) {
+  const int64_t C = L.C;
+  sum1.assign(C, 0.0);
+  sum2.assign(C, 0.0);
+  if (L.rows == 0 || C == 0) return;
+  const int64_t total = L.rows * C;
+  const int64_t slices = std::min<int64_t>((total + kGrainElements - 1) / kGrainElements,
+                                           std::max<int64_t>(1, 4 * at::get_num_threads()));
+  std::vector<double> partial(static_cast<size_t>(slices * 2 * C), 0.0);
+  at::parallel_for(0, slices, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<opmath_t> row_a, row_b;
+    if (L.channels_last) {
+      row_a.resize(C);
+      row_b.resize(C);
+    }
+    for (int64_t t = t0; t < t1; ++t) {
+      double* p1 = partial.data() + t * 2 * C;
+      double* p2 = p1 + C;
+      if (!L.channels_last) {
+        // Elements [e0, e1) cover parts of consecutive (n, c) planes of S elements.
+        const int64_t S = L.inner;
+        const int64_t e0 = total * t / slices, e1 = total * (t + 1) / slices;
+        for (int64_t e = e0; e < e1;) {
+          const int64_t plane = e / S;
+          const int64_t c = plane % C;
+          const int64_t end = std::min(e1, (plane + 1) * S);
+          for (; e < end;) {
+            const int64_t block_end = std::min(end, e + kBlock);
+            // Independent lanes the compiler maps onto vector registers (a reduction into one scalar
+            // would not vectorize without reassociation).
+            opmath_t a[kLanes] = {}, b[kLanes] = {};
+            for (; e + kLanes <= block_end; e += kLanes) {
+#pragma omp simd
+              for (int l = 0; l < kLanes; ++l) {
+                const auto v = f(e + l, c);
+                a[l] += v.first;
+                b[l] += v.second;
+              }
+            }
+            for (int l = 0; e < block_end; ++e, ++l) {
+              const auto v = f(e, c);
+              a[l] += v.first;
+              b[l] += v.second;
+            }
+            p1[c] += sum_lanes(a);
+            p2[c] += sum_lanes(b);
+          }
+        }
+        continue;
+      }
+      // Rows of C channels, added into two C-long accumulators (with unroll_rows, kRowUnroll rows at a time).
+      const int64_t r0 = L.rows * t / slices, r1 = L.rows * (t + 1) / slices;
+      const int64_t row_block = std::max<int64_t>(1, kBlock / C);
+      opmath_t* pa = row_a.data();
+      opmath_t* pb = row_b.data();
+      for (int64_t rb = r0; rb < r1; rb += row_block) {
+        const int64_t re = std::min(r1, rb + row_block);
+        std::fill(row_a.begin(), row_a.end(), opmath_t(0));
+        std::fill(row_b.begin(), row_b.end(), opmath_t(0));
+        int64_t r = rb;
+        for (; unroll_rows && r + kRowUnroll <= re; r += kRowUnroll) {
+          const int64_t base = r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const auto v0 = f(base + c, c);
+            const auto v1 = f(base + C + c, c);
+            const auto v2 = f(base + 2 * C + c, c);
+            const auto v3 = f(base + 3 * C + c, c);
+            pa[c] += (v0.first + v1.first) + (v2.first + v3.first);
+            pb[c] += (v0.second + v1.second) + (v2.second + v3.second);
+          }
+        }
+        for (; r < re; ++r) {
+          const int64_t base = r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const auto v = f(base + c, c);
+            pa[c] += v.first;
+            pb[c] += v.second;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          p1[c] += pa[c];
+          p2[c] += pb[c];
+        }
+      }
+    }
+  });
+  for (int64_t t = 0; t < slices; ++t) {
+    const double* p1 = partial.data() + t * 2 * C;
+    for (int64_t c = 0; c < C; ++c) {
+      sum1[c] += p1[c];
+      sum2[c] += p1[C + c];
+    }
+  }
+}
+
+// out[idx] = g(idx, c) for every element.
+template <typename scalar_t, typename G>
+void channel_map(const Layout& L, scalar_t* out, const G& g) {
+  const int64_t C = L.C;
+  if (L.rows == 0 || C == 0) return;
+  if (!L.channels_last) {
+    const int64_t S = L.inner;
+    at::parallel_for(0, L.N * C, std::max<int64_t>(1, kGrainElements / S), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t c = p % C;
+        const int64_t base = p * S;
+#pragma omp simd
+        for (int64_t s = 0; s < S; ++s) out[base + s] = static_cast<scalar_t>(g(base + s, c));
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, L.rows, std::max<int64_t>(1, kGrainElements / C), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) out[base + c] = static_cast<scalar_t>(g(base + c, c));
+    }
+  });
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void Kernels::moments_sums(const Layout& L, const scalar_t* x, const opmath<scalar_t>* shift,
+                           std::vector<double>& sum, std::vector<double>& sum_sq) {
+  using opmath_t = opmath<scalar_t>;
+  channel_sums</*unroll_rows=*/true, opmath_t>(L, [=](int64_t i, int64_t c) {
+    const opmath_t d = static_cast<opmath_t>(x[i]) - shift[c];
+    return std::make_pair(d, d * d);
+  }, sum, sum_sq);
+}
+
+template <typename scalar_t>
+void Kernels::affine_map(const Layout& L, const scalar_t* x, const opmath<scalar_t>* scale,
+                         const opmath<scalar_t>* offset, scalar_t* out) {
+  using opmath_t = opmath<scalar_t>;
+  channel_map(L, out, [=](int64_t i, int64_t c) { return static_cast<opmath_t>(x[i]) * scale[c] + offset[c]; });
+}
+
+template <typename scalar_t>
+void Kernels::backward_sums(const Layout& L, const scalar_t* dy, const scalar_t* x, const opmath<scalar_t>* mean,
+                            const opmath<scalar_t>* dx_scale, scalar_t* dx, std::vector<double>& sum_dy,
+                            std::vector<double>& sum_dy_xmu) {
+  using opmath_t = opmath<scalar_t>;
+  if (dx != nullptr) {
+    channel_sums</*unroll_rows=*/false, opmath_t>(L, [=](int64_t i, int64_t c) {
+      const opmath_t g = static_cast<opmath_t>(dy[i]);
+      dx[i] = static_cast<scalar_t>(g * dx_scale[c]);
+      return std::make_pair(g, g * (static_cast<opmath_t>(x[i]) - mean[c]));
+    }, sum_dy, sum_dy_xmu);
+  } else {
+    channel_sums</*unroll_rows=*/false, opmath_t>(L, [=](int64_t i, int64_t c) {
+      const opmath_t g = static_cast<opmath_t>(dy[i]);
+      return std::make_pair(g, g * (static_cast<opmath_t>(x[i]) - mean[c]));
+    }, sum_dy, sum_dy_xmu);
+  }
+}
+
+template <typename scalar_t>
+void Kernels::grad_input_map(const Layout& L, const scalar_t* dy, const scalar_t* x, const opmath<scalar_t>* mean,
+                             const opmath<scalar_t>* gain, const opmath<scalar_t>* xmu_coef,
+                             const opmath<scalar_t>* offset, scalar_t* dx) {
+  using opmath_t = opmath<scalar_t>;
+  channel_map(L, dx, [=](int64_t i, int64_t c) {
+    return static_cast<opmath_t>(dy[i]) * gain[c] + (static_cast<opmath_t>(x[i]) - mean[c]) * xmu_coef[c] + offset[c];
+  });
+}
+
+template <typename scalar_t>
+void Kernels::scale_map(const Layout& L, const scalar_t* dy, const opmath<scalar_t>* gain, scalar_t* dx) {
+  using opmath_t = opmath<scalar_t>;
+  channel_map(L, dx, [=](int64_t i, int64_t c) { return static_cast<opmath_t>(dy[i]) * gain[c]; });
+}
+
+#define BNX_INSTANTIATE_CPU_KERNELS(scalar_t)                                                                    \
+  template void Kernels::moments_sums<scalar_t>(const Layout&, const scalar_t*, const opmath<scalar_t>*,        \
+                                                std::vector<double>&, std::vector<double>&);                    \
+  template void Kernels::affine_map<scalar_t>(const Layout&, const scalar_t*, const opmath<scalar_t>*,          \
+                                              const opmath<scalar_t>*, scalar_t*);                              \
+  template void Kernels::backward_sums<scalar_t>(const Layout&, const scalar_t*, const scalar_t*,               \
+                                                 const opmath<scalar_t>*, const opmath<scalar_t>*, scalar_t*,   \
+                                                 std::vector<double>&, std::vector<double>&);                   \
+  template void Kernels::grad_input_map<scalar_t>(const Layout&, const scalar_t*, const scalar_t*,              \
+                                                  const opmath<scalar_t>*, const opmath<scalar_t>*,             \
+                                                  const opmath<scalar_t>*, const opmath<scalar_t>*, scalar_t*); \
+  template void Kernels::scale_map<scalar_t>(const Layout&, const scalar_t*, const opmath<scalar_t>*, scalar_t*);
+
+BNX_INSTANTIATE_CPU_KERNELS(double)
+BNX_INSTANTIATE_CPU_KERNELS(float)
+BNX_INSTANTIATE_CPU_KERNELS(c10::Half)
+BNX_INSTANTIATE_CPU_KERNELS(c10::BFloat16)
+#undef BNX_INSTANTIATE_CPU_KERNELS
+
+}  // namespace BNX_CPU_ISA
+}  // namespace bnx

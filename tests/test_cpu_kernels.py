@@ -1,0 +1,140 @@
+"""The CPU kernels on shapes that reach every branch of their loops, against float64 references.
+
+The CPU kernels are compiled twice, for the x86-64 baseline and for AVX2 + FMA, and the faster set that
+the CPU supports is chosen when the library loads (BNX_CPU_KERNELS=default forces the baseline). The tests
+here run in this process (the chosen set) and once more in a subprocess on the baseline set.
+
+The shapes are larger than the parity tests' so that the loops split the data into several slices, a
+slice starts and ends inside an (n, c) plane, a plane is longer than one accumulation block, the
+channel count is not a multiple of the vector width, and the channels-last row count is not a multiple of
+the row unroll.
+"""
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnx
+from conftest import assert_close, make_input, train_fwd_bwd
+
+EPS = 1e-5
+
+# (id, shape, memory format)
+SHAPES = [
+    ("nchw_big_planes", (3, 3, 70, 70), None),             # planes of 4900 elements, slices cut planes
+    ("nchw_odd", (5, 70, 9, 11), None),                    # 99-element planes, C = 70
+    ("nhwc_c70", (5, 70, 9, 11), torch.channels_last),     # 495 rows (not a multiple of 4), C = 70
+    ("nhwc_c130", (2, 130, 17, 17), torch.channels_last),  # C > 64
+    ("nhwc_c16", (4, 16, 30, 31), torch.channels_last),    # few channels, many rows
+    ("ncdhw_cl3d", (3, 5, 4, 4, 130), torch.channels_last_3d),
+    ("nc_rows", (6001, 7), None),                          # (N, C): rows of 7 channels
+    ("ncl", (16, 300, 33), None),
+]
+
+# input dtype -> (atol, rtol) against the float64 reference
+DTYPES = {
+    torch.float32: (1e-4, 1e-4),
+    torch.bfloat16: (3e-2, 2e-2),
+    torch.float64: (1e-9, 1e-9),
+}
+
+
+def _reference(x, w, b, gy, rm, rv, formula, momentum=0.1):
+    """float64 torch: output, grads (x, w, b) and the updated running statistics."""
+    xd = x.detach().double().requires_grad_()
+    wd = w.detach().double().requires_grad_()
+    bd = b.detach().double().requires_grad_()
+    rmd, rvd = rm.double().clone(), rv.double().clone()
+    if formula == "batch":
+        y = F.batch_norm(xd, rmd, rvd, wd, bd, training=True, momentum=momentum, eps=EPS)
+    else:
+        # Frozen statistics: the eval forward with the batch statistics as constants.
+        dims = [0] + list(range(2, x.dim()))
+        mean, var = xd.detach().mean(dims), xd.detach().var(dims, unbiased=False)
+        F.batch_norm(xd.detach(), rmd, rvd, None, None, training=True, momentum=momentum, eps=EPS)
+        y = F.batch_norm(xd, mean, var, wd, bd, training=False, eps=EPS)
+    y.backward(gy.double())
+    return [y.detach(), xd.grad, wd.grad, bd.grad], rmd, rvd
+
+
+def check_case(shape, memory_format, dtype, formula):
+    torch.manual_seed(0)
+    C = shape[1]
+    # A mean far from zero, so the variance needs the shifted sums to come out right.
+    x = make_input(shape, dtype, memory_format=memory_format, scale=2.0, shift=3.0)
+    gy = make_input(shape, dtype, memory_format=memory_format)
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(dtype)
+    b = torch.randn(C, dtype=torch.float64).to(dtype)
+    rm = torch.randn(C, dtype=torch.float64).to(dtype)
+    rv = (torch.rand(C, dtype=torch.float64) + 0.5).to(dtype)
+    ref, rm_ref, rv_ref = _reference(x, w, b, gy, rm, rv, formula)
+    rm_bnx, rv_bnx = rm.clone(), rv.clone()
+    got = train_fwd_bwd(x, w, b, gy, formula, rm_bnx, rv_bnx)
+    atol, rtol = DTYPES[dtype]
+    M = x.numel() // C
+    for name, a, e in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, ref):
+        # grad_weight / grad_bias are sums over M elements: their error grows with sqrt(M)
+        scale = M ** 0.5 if name in ("grad_weight", "grad_bias") else 1.0
+        assert_close(a, e, atol * scale, rtol, f"{name} ({formula}, {dtype}, {tuple(shape)})")
+    assert_close(rm_bnx, rm_ref, atol, rtol, "running_mean")
+    assert_close(rv_bnx, rv_ref, atol, rtol, "running_var")
+    if memory_format is not None:
+        assert got[0].is_contiguous(memory_format=memory_format)
+        assert got[1].is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("formula", ["batch", "frozen"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", SHAPES, ids=[s[0] for s in SHAPES])
+def test_cpu_kernels_against_float64(case, dtype, formula):
+    _, shape, mf = case
+    check_case(shape, mf, dtype, formula)
+
+
+@pytest.mark.parametrize("case", SHAPES, ids=[s[0] for s in SHAPES])
+def test_cpu_eval_forward_against_float64(case):
+    _, shape, mf = case
+    C = shape[1]
+    x = make_input(shape, torch.float32, memory_format=mf, scale=2.0, shift=3.0)
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    rm, rv = torch.randn(C), torch.rand(C) + 0.5
+    y = bnx.functional.batch_norm(x, rm, rv, w, b, training=False)
+    y_ref = F.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double(), training=False, eps=EPS)
+    assert_close(y, y_ref, 1e-5, 1e-5)
+
+
+def _cpu_has_avx2_fma():
+    if platform.machine() not in ("x86_64", "AMD64") or not os.path.exists("/proc/cpuinfo"):
+        return None  # unknown
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    return "avx2" in flags and "fma" in flags
+
+
+def test_cpu_kernels_choice():
+    """The AVX2 kernels run where the CPU has AVX2 and FMA, unless BNX_CPU_KERNELS=default."""
+    choice = bnx.cpu_kernels()
+    assert choice in ("avx2", "default")
+    if os.environ.get("BNX_CPU_KERNELS") == "default":
+        assert choice == "default"
+        return
+    has = _cpu_has_avx2_fma()
+    if has is None:
+        pytest.skip("not an x86-64 Linux machine: cannot tell which kernels it should use")
+    assert choice == ("avx2" if has else "default")
+
+
+@pytest.mark.skipif(os.environ.get("BNX_CPU_KERNELS") == "default", reason="already on the baseline kernels")
+def test_baseline_kernels_in_subprocess():
+    """The same checks on the baseline kernels (the ones a CPU without AVX2 runs)."""
+    env = dict(os.environ, BNX_CPU_KERNELS="default")
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, "test_cpu_kernels.py"),
+           "-k", "not subprocess"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "failed" not in r.stdout
