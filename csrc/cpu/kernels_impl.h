@@ -10,7 +10,6 @@ namespace {
 constexpr int64_t kGrainElements = 1 << 15;  // elements per parallel task, at least
 constexpr int64_t kBlock = 4096;             // elements summed in opmath before moving into double
 constexpr int kLanes = 16;                   // independent partial sums in the plane-wise reductions
-constexpr int64_t kRowUnroll = 4;            // channels-last sums: rows added per accumulator update
 
 // Sum of kLanes partial sums, as a tree (vectorizes; a chain of kLanes dependent adds does not).
 template <typename opmath_t>
@@ -27,9 +26,7 @@ inline opmath_t sum_lanes(opmath_t* v) {
 // partial sums; the partials are then added in slice order, so the result does not depend on thread timing.
 // Reading in memory order (rather than channel by channel, which in NC* memory jumps between the N planes
 // of a channel) keeps the hardware prefetchers ahead of the loads.
-// unroll_rows: channels-last rows are added kRowUnroll at a time (fewer accumulator loads and stores). Faster
-// for the single-input statistics; slower when two inputs are read (the backward sums), measured here.
-template <bool unroll_rows, typename opmath_t, typename F>
+template <typename opmath_t, typename F>
 void channel_sums(const Layout& L, const F& f, std::vector<double>& sum1, std::vector<double>& sum2) {
   const int64_t C = L.C;
   sum1.assign(C, 0.0);
@@ -80,7 +77,9 @@ void channel_sums(const Layout& L, const F& f, std::vector<double>& sum1, std::v
         }
         continue;
       }
-      // Rows of C channels, added into two C-long accumulators (with unroll_rows, kRowUnroll rows at a time).
+      // Rows of C channels, added row after row into two C-long accumulators. (Adding several rows per
+      // accumulator update reads several rows at once: faster when the input is in cache, much slower when it
+      // streams from memory, which is the usual case for activations.)
       const int64_t r0 = L.rows * t / slices, r1 = L.rows * (t + 1) / slices;
       const int64_t row_block = std::max<int64_t>(1, kBlock / C);
       opmath_t* pa = row_a.data();
@@ -89,20 +88,7 @@ void channel_sums(const Layout& L, const F& f, std::vector<double>& sum1, std::v
         const int64_t re = std::min(r1, rb + row_block);
         std::fill(row_a.begin(), row_a.end(), opmath_t(0));
         std::fill(row_b.begin(), row_b.end(), opmath_t(0));
-        int64_t r = rb;
-        for (; unroll_rows && r + kRowUnroll <= re; r += kRowUnroll) {
-          const int64_t base = r * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const auto v0 = f(base + c, c);
-            const auto v1 = f(base + C + c, c);
-            const auto v2 = f(base + 2 * C + c, c);
-            const auto v3 = f(base + 3 * C + c, c);
-            pa[c] += (v0.first + v1.first) + (v2.first + v3.first);
-            pb[c] += (v0.second + v1.second) + (v2.second + v3.second);
-          }
-        }
-        for (; r < re; ++r) {
+        for (int64_t r = rb; r < re; ++r) {
           const int64_t base = r * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
@@ -159,7 +145,7 @@ template <typename scalar_t>
 void Kernels::moments_sums(const Layout& L, const scalar_t* x, const opmath<scalar_t>* shift,
                            std::vector<double>& sum, std::vector<double>& sum_sq) {
   using opmath_t = opmath<scalar_t>;
-  channel_sums</*unroll_rows=*/true, opmath_t>(L, [=](int64_t i, int64_t c) {
+  channel_sums<opmath_t>(L, [=](int64_t i, int64_t c) {
     const opmath_t d = static_cast<opmath_t>(x[i]) - shift[c];
     return std::make_pair(d, d * d);
   }, sum, sum_sq);
@@ -178,13 +164,13 @@ void Kernels::backward_sums(const Layout& L, const scalar_t* dy, const scalar_t*
                             std::vector<double>& sum_dy_xmu) {
   using opmath_t = opmath<scalar_t>;
   if (dx != nullptr) {
-    channel_sums</*unroll_rows=*/false, opmath_t>(L, [=](int64_t i, int64_t c) {
+    channel_sums<opmath_t>(L, [=](int64_t i, int64_t c) {
       const opmath_t g = static_cast<opmath_t>(dy[i]);
       dx[i] = static_cast<scalar_t>(g * dx_scale[c]);
       return std::make_pair(g, g * (static_cast<opmath_t>(x[i]) - mean[c]));
     }, sum_dy, sum_dy_xmu);
   } else {
-    channel_sums</*unroll_rows=*/false, opmath_t>(L, [=](int64_t i, int64_t c) {
+    channel_sums<opmath_t>(L, [=](int64_t i, int64_t c) {
       const opmath_t g = static_cast<opmath_t>(dy[i]);
       return std::make_pair(g, g * (static_cast<opmath_t>(x[i]) - mean[c]));
     }, sum_dy, sum_dy_xmu);
