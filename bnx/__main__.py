@@ -56,7 +56,8 @@ Passes (compulsory bytes, E elements of b bytes):
   train_fwd 2Eb, train_bwd 3Eb (backward only), train_fwd_bwd 5Eb, eval_fwd 2Eb,
   frozen_bwd_wgrad 3Eb (eval backward, x/weight/bias grads), frozen_bwd_dx 2Eb (x grad only),
   bnx_train_frozen 5Eb (bnx training forward + backward="frozen"; peers: native training fwd+bwd).
-GPU: CUDA-event medians of device time (host launch time reported separately); CPU: wall-clock medians.
+GPU: CUDA-event medians of device time (host launch time reported separately); CPU: wall-clock medians, implementations
+called in alternation.
 Progress on stderr, summary on stdout; --json/--md/--plot write results. Same tool as benchmarks/bench.py."""
 
 

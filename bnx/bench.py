@@ -6,7 +6,8 @@ dtype and layout, and reports microseconds, speedups and "frac" = compulsory byt
 
 GPU timing: CUDA events around each repetition, median after warm-up. Before the timed repetitions a
 ``torch.cuda._sleep`` kernel holds the GPU while the CPU queues them, so the numbers are device time (CPU
-launch overhead hidden, gaps between kernels included). CPU timing: wall clock (time.perf_counter) medians.
+launch overhead hidden, gaps between kernels included). CPU timing: wall clock (time.perf_counter) medians,
+the implementations called in alternation (a shared machine's load then weighs on all of them alike).
 Small inputs rotate among several input sets (and the outputs of the last few calls are kept alive, so each
 call writes fresh memory) so repeated runs don't measure the L2 cache.
 
@@ -262,6 +263,40 @@ class Timer:
                 break
         keep.clear()
         return statistics.median(ts), min(ts), len(ts), None
+
+    def cpu_interleaved(self, fns, nsets):
+        """CPU: times several implementations of one case in alternation, one call each per round (the
+        starting one rotating), so that a shared machine's load drifts over all of them alike.
+        fns: {name: fn}. Returns {name: (median_us, min_us, reps, None)}."""
+        names = list(fns)
+        keep = {k: collections.deque(maxlen=nsets if nsets > 1 else 0) for k in names}
+        calls = 0  # every call takes the next input set, so no call finds its input in cache from the last one
+        for k in names:
+            for j in range(self.warmup):
+                keep[k].append(fns[k](calls % nsets))
+                calls += 1
+        ts = {k: [] for k in names}
+        t_end = time.perf_counter() + self.cpu_seconds * len(names)
+        r = 0
+        while True:
+            for k in names[r % len(names):] + names[:r % len(names)]:
+                i = calls % nsets
+                calls += 1
+                t0 = time.perf_counter()
+                out = fns[k](i)
+                t1 = time.perf_counter()
+                keep[k].append(out)
+                out = None
+                ts[k].append((t1 - t0) * 1e6)
+            r += 1
+            if self.reps is not None:
+                if r >= self.reps:
+                    break
+            elif (r >= 5 and time.perf_counter() >= t_end) or r >= 200:
+                break
+        for d in keep.values():
+            d.clear()
+        return {k: (statistics.median(v), min(v), len(v), None) for k, v in ts.items()}
 
 
 def measure_copy_bandwidth(device, nbytes):
@@ -562,8 +597,8 @@ def _timing_text(is_cuda, reps, warmup, cpu_seconds):
     if is_cuda:
         return ("CUDA events, median of %d after %d warm-up (GPU held by torch.cuda._sleep while queueing)"
                 % (reps, warmup))
-    return "time.perf_counter, median of as many reps as fit (%s)" % ("%d reps" % reps if reps else
-                                                                      "%.2f s" % cpu_seconds)
+    return ("time.perf_counter, the implementations called in alternation (one call each per round), median "
+            "of as many rounds as fit (%s)" % ("%d rounds" % reps if reps else "%.2f s per implementation" % cpu_seconds))
 
 
 def _atomic_write(path, text):
@@ -696,6 +731,17 @@ def _run(args):
             log(prefix + " ...")
             case = _new_case(pname, dname, lay, shape, sname, nsets)
             outs = {}
+            cpu_fns = {}
+
+            def record(impl, fn, timing):
+                med, mn, r, host = timing
+                case["times_us"][impl], case["min_us"][impl], case["reps"][impl] = med, mn, r
+                case["host_us"][impl] = host
+                if pname == "train_fwd_bwd" and impl != "bnx":
+                    fwdbwd_peer[impl] = timing
+                if not args.no_verify and impl in ("bnx", "native") and pname != "bnx_train_frozen":
+                    outs[impl] = fn(0)
+
             for impl in impls:
                 if combo is None:
                     case["errors"][impl] = combo_err
@@ -749,13 +795,10 @@ def _run(args):
                                 compile_times.setdefault(grp, []).append(dt_c)
                         cf = compiled[grp]
                     fn = build_fn(impl, pname, combo, cf, bnxF)
-                    med, mn, r, host = timer(fn, nsets)
-                    case["times_us"][impl], case["min_us"][impl], case["reps"][impl] = med, mn, r
-                    case["host_us"][impl] = host
-                    if pname == "train_fwd_bwd" and impl != "bnx":
-                        fwdbwd_peer[impl] = (med, mn, r, host)
-                    if not args.no_verify and impl in ("bnx", "native") and pname != "bnx_train_frozen":
-                        outs[impl] = fn(0)
+                    if not is_cuda:  # timed below, in alternation with the other implementations
+                        cpu_fns[impl] = fn
+                        continue
+                    record(impl, fn, timer(fn, nsets))
                 except Exception as e:
                     msg = e.args[0] if isinstance(e, RuntimeError) and e.args and str(e.args[0]).startswith(
                         ("n/a", "compile failed", "OOM")) else ("OOM" if _is_oom(e) else _short(e))
@@ -768,6 +811,18 @@ def _run(args):
                     fn = None
                     if is_cuda:
                         _free(device)
+            if cpu_fns:
+                try:
+                    for impl, timing in timer.cpu_interleaved(cpu_fns, nsets).items():
+                        record(impl, cpu_fns[impl], timing)
+                except Exception as e:
+                    for impl in cpu_fns:
+                        case["errors"].setdefault(impl, _short(e))
+                    if "bnx" in cpu_fns:
+                        bnx_errors += 1
+                        if os.environ.get("BNX_DEBUG"):
+                            raise
+                cpu_fns = None
             if "bnx" in outs and "native" in outs:
                 try:
                     case["max_rel_diff_vs_native"] = _max_rel_diff(outs["bnx"], outs["native"])

@@ -190,6 +190,25 @@ def test_bench_importable():
         sys.path.pop(0)
 
 
+def test_bench_cpu_timing_alternates():
+    """On the CPU the implementations of a case are called in alternation, each call on the next input set
+    (so no call finds its input in cache from the call before), the starting one rotating."""
+    from bnx.bench import Timer
+
+    calls = []
+    fns = {name: (lambda i, name=name: calls.append((name, i))) for name in ("bnx", "native", "compile")}
+    nsets, warmup, reps = 4, 2, 5
+    res = Timer(torch.device("cpu"), reps=reps, warmup=warmup, cpu_seconds=0.0).cpu_interleaved(fns, nsets)
+    assert set(res) == set(fns)
+    assert all(r[2] == reps and r[0] >= 0 and r[1] <= r[0] for r in res.values())
+    assert len(calls) == len(fns) * (warmup + reps)
+    assert [i for _, i in calls] == [j % nsets for j in range(len(calls))]
+    timed = [name for name, _ in calls[len(fns) * warmup:]]
+    rounds = [timed[k:k + len(fns)] for k in range(0, len(timed), len(fns))]
+    assert all(sorted(r) == sorted(fns) for r in rounds)
+    assert [r[0] for r in rounds[:3]] == ["bnx", "native", "compile"]
+
+
 def _case_key(c):
     return (c["pass"], c["dtype"], c["layout"], tuple(c["shape"]))
 
