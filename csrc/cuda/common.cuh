@@ -360,7 +360,7 @@ void dispatch_width(const Plan& p, F&& f) {
   } else if (kVec8 > 1 && p.V == kVec8) {
     f(std::integral_constant<int, kVec8>{}, CL{});
   } else {
-    TORCH_INTERNAL_ASSERT(p.V == 1, "bnx: unexpected vector width ", p.V);
+    TORCH_INTERNAL_ASSERT(p.V == 1, "bnx: unexpected vector width " + std::to_string(p.V));  // no streamed ints: see checks.cpp
     f(std::integral_constant<int, 1>{}, CL{});
   }
 }
