@@ -88,9 +88,11 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input_, const c10:
   return {mean, invstd};
 }
 
-// y = x * scale + offset per channel, with scale = weight * invstd and offset = bias - mean * scale.
+// y = x * scale + offset per channel, with scale = weight * invstd and offset = bias - mean * scale. With
+// spread_is_var, `spread` holds the variance and invstd = 1 / sqrt(var + eps) (the eval forward: computed
+// here rather than with tensor ops, which cost more than the pass itself on small inputs).
 Tensor affine_map(const Tensor& input, const Layout& L, const Tensor& weight, const Tensor& bias,
-                  const Tensor& mean, const Tensor& invstd) {
+                  const Tensor& mean, const Tensor& spread, bool spread_is_var = false, double eps = 0.0) {
   Tensor out = at::empty_like(input, L.format);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_elemt_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -98,10 +100,11 @@ Tensor affine_map(const Tensor& input, const Layout& L, const Tensor& weight, co
     const auto w = channel_values<opmath_t>(weight, C, 1);
     const auto b = channel_values<opmath_t>(bias, C, 0);
     const auto mu = channel_values<opmath_t>(mean, C, 0);
-    const auto is = channel_values<opmath_t>(invstd, C, 1);
+    const auto sp = channel_values<opmath_t>(spread, C, 1);
     std::vector<opmath_t> scale(C), offset(C);
     for (int64_t c = 0; c < C; ++c) {
-      scale[c] = w[c] * is[c];
+      const opmath_t invstd = spread_is_var ? opmath_t(1) / std::sqrt(sp[c] + static_cast<opmath_t>(eps)) : sp[c];
+      scale[c] = w[c] * invstd;
       offset[c] = b[c] - mu[c] * scale[c];
     }
     const scalar_t* x = input.const_data_ptr<scalar_t>();
@@ -127,9 +130,8 @@ Tensor batch_norm_inference_cpu(const Tensor& input_, const c10::optional<Tensor
   check_inference_args(input_, weight, bias, running_mean, running_var, eps);
   const Layout L = layout_of(input_);
   const Tensor input = dense_as(input_, L.format);
-  const auto dt = stat_dtype(input);
-  const Tensor invstd = at::rsqrt(running_var.to(dt) + eps);
-  return affine_map(input, L, value_or_undefined(weight), value_or_undefined(bias), running_mean.to(dt), invstd);
+  return affine_map(input, L, value_or_undefined(weight), value_or_undefined(bias), running_mean, running_var,
+                    /*spread_is_var=*/true, eps);
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train_forward_cpu(
