@@ -1,28 +1,21 @@
-// The CPU kernels compiled for AVX2 + FMA (x86-64 with GCC or Clang), chosen at run time when the CPU has
-// both (kernel_dispatch.h). Twice the vector width of the x86-64 baseline: the reductions are compute-bound
+// The CPU kernels compiled for AVX2 + FMA (x86-64 with GCC), chosen at run time when the CPU has both
+// (kernel_dispatch.h). Twice the vector width of the x86-64 baseline: the reductions are compute-bound
 // there. The library headers are included first, so only bnx's own functions get the AVX2 target; the
-// same functions are compiled for the baseline in kernels_default.cpp.
+// same functions are compiled for the baseline in kernels_default.cpp. Other compilers (untested here) build
+// this file for the baseline too and never select it.
 #include "kernel_deps.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define BNX_CPU_AVX2_COMPILED 1
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-#endif
 #endif
 
 #define BNX_CPU_ISA isa_avx2
 #include "kernels_impl.h"
 
 #if defined(BNX_CPU_AVX2_COMPILED)
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
 #pragma GCC pop_options
-#endif
 #endif
 
 namespace bnx {
