@@ -1247,6 +1247,15 @@ def targets(res):
     def status(ok, measured=True):
         return "NOT MEASURED" if not measured else ("MET" if ok else "NOT MET")
 
+    def every_case(pairs, bound):
+        """(measured, below, status) for a goal every measured case must reach: pairs of (case, value or None)."""
+        measured = [(c, v) for c, v in pairs if v]
+        below = [(c, v) for c, v in measured if v < bound]
+        st = status(not below, bool(measured))
+        if measured and not below and len(measured) < len(pairs):
+            st = "MET where measured"
+        return measured, below, st
+
     def frac_item(what, cs, goal):
         vals = [c["frac"]["bnx"] for c in cs if c["frac"].get("bnx")]
         g = geomean(vals)
@@ -1273,11 +1282,7 @@ def targets(res):
                           goal=f">= {goal}x", status=status(g is not None and g >= goal, g is not None),
                           detail=f"{len(vals)} of {len(cs)} cases"))
     comp = [(c, c["speedup"].get("compile")) for c in fb]
-    meas = [(c, v) for c, v in comp if v]
-    slow = [(c, v) for c, v in meas if v < T["vs_compile"]]
-    st = status(not slow, bool(meas))
-    if meas and not slow and len(meas) < len(comp):
-        st = "MET where measured"
+    meas, slow, st = every_case(comp, T["vs_compile"])
     items.append(dict(what="train_fwd_bwd speedup vs torch.compile, every case", value=(
         f"min {min(v for _, v in meas):.2f}x" if meas else "n/a"), goal=f">= {T['vs_compile']}x", status=st,
         detail=f"measured in {len(meas)} of {len(comp)} cases" + (f"; {len(slow)} below" if slow else "")))
@@ -1288,11 +1293,7 @@ def targets(res):
     launch = [c for c in res["cases"] if tuple(c["shape"]) == LAUNCH_SHAPE]
     if launch:
         lv = [(c, c["speedup"].get("native")) for c in launch]
-        lm = [(c, v) for c, v in lv if v]
-        lslow = [(c, v) for c, v in lm if v < T["launch_vs_native"]]
-        st = status(not lslow, bool(lm))
-        if lm and not lslow and len(lm) < len(lv):
-            st = "MET where measured"
+        lm, lslow, st = every_case(lv, T["launch_vs_native"])
         items.append(dict(
             what=f"launch-bound {','.join(map(str, LAUNCH_SHAPE))}: speedup vs native, every case",
             value=(f"min {min(v for _, v in lm):.2f}x" if lm else "n/a"), goal="no slower than native (>= 1x)",
