@@ -202,6 +202,40 @@ def test_broadcast_grad_out(device, training, formula):
         assert_close(a, e, 1e-5, 1e-5, n)
 
 
+class _NoGradient(torch.autograd.Function):
+    """Uses its input but passes no gradient back to it (an undefined gradient, as some Functions return)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.sum() * 0
+
+    @staticmethod
+    def backward(ctx, g):
+        return None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_output_without_gradient(device, training):
+    """When the output's gradient is undefined, x, weight and bias get none from batch norm, as with torch's:
+    weight and bias come back None (not zeros) and x's gradient is only what reaches it by other paths."""
+    torch.manual_seed(66)
+    C = 3
+    x = torch.randn(4, C, 2, 2, device=device)
+    w, b = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
+    rm, rv = torch.randn(C, device=device), torch.rand(C, device=device) + 0.5
+    res = []
+    for fn in (bn_f, F.batch_norm):
+        xx, ww, bb = _leaf(x), _leaf(w), _leaf(b)
+        y = fn(xx, rm.clone(), rv.clone(), ww, bb, training=training)
+        loss = _NoGradient.apply(y) + (2 * xx).sum()
+        res.append(torch.autograd.grad(loss, (xx, ww, bb), allow_unused=True))
+    (gx, gw, gb), (ex, ew, eb) = res
+    assert ew is None and eb is None  # what torch does, which bnx must match
+    assert gw is None and gb is None, (gw, gb)
+    assert_close(gx, ex, 0, 0, "gx")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("momentum", [None, 0.3])
 def test_num_batches_tracked_overrides_momentum(device, momentum):
