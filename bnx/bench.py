@@ -217,14 +217,21 @@ class Timer:
         # With several input sets, the outputs of the last nsets calls stay alive, so every call also writes
         # to memory that isn't in cache (the allocator would otherwise hand back the block just freed).
         keep = collections.deque(maxlen=nsets if nsets > 1 else 0)
-        for j in range(self.warmup):
+        # Warm up until the kept outputs fill their slots, so that from here on every call's outputs reuse
+        # blocks the caching allocator already holds (a first allocation calls cudaMalloc, which costs the
+        # host far more than issuing the kernels and would be counted as launch time below).
+        for j in range(max(self.warmup, nsets + 1)):
             keep.append(fn(j % nsets))
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        n_probe = 3
-        for j in range(n_probe):
-            keep.append(fn(j % nsets))
-        cpu_per_call = (time.perf_counter() - t0) / n_probe
+        # Host time to issue one call: the median of a few calls, each timed alone (they queue on the GPU).
+        host_s = []
+        for j in range(5):
+            t0 = time.perf_counter()
+            out = fn(j % nsets)
+            host_s.append(time.perf_counter() - t0)
+            keep.append(out)
+            out = None
+        cpu_per_call = statistics.median(host_s)
         torch.cuda.synchronize()
         reps = self.reps
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]

@@ -209,6 +209,43 @@ def test_bench_cpu_timing_alternates():
     assert [r[0] for r in rounds[:3]] == ["bnx", "native", "compile"]
 
 
+def test_bench_cuda_host_time_excludes_first_allocations(monkeypatch):
+    """The GPU timer's host time per call is probed only after every kept output slot has been filled once
+    (first calls allocate: cudaMalloc would be counted as launch time), as the median of calls timed alone.
+    Runs the timer's logic on a stand-in for torch.cuda, so it needs no GPU."""
+    import time
+
+    from bnx.bench import Timer
+
+    class _Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: None, raising=False)
+    nsets, warmup, reps = 4, 1, 3
+    calls = []
+
+    def fn(i):
+        calls.append(i)
+        if len(calls) <= nsets:  # the first use of each output slot: an allocation, slow on the host
+            time.sleep(0.05)
+        return torch.empty(1)
+
+    median_us, min_us, n, host_us = Timer(torch.device("cuda"), reps=reps, warmup=warmup, cpu_seconds=0.0)(fn, nsets)
+    assert n == reps and 0 <= min_us <= median_us
+    assert host_us < 25_000, host_us  # not the 50 ms first calls
+    warm = max(warmup, nsets + 1)
+    assert calls == [j % nsets for j in range(warm)] + [j % nsets for j in range(5)] + [r % nsets for r in range(reps)]
+
+
 def _case_key(c):
     return (c["pass"], c["dtype"], c["layout"], tuple(c["shape"]))
 
