@@ -39,13 +39,8 @@ struct GradSumsOp {
   __device__ __forceinline__ void accumulate(const int64_t* off, int n, const Coef<acc_t, V>& k, acc_t* s1,
                                              acc_t* s2) const {
     Vec<scalar_t, V> xv[B], gv[B];
-#pragma unroll
-    for (int u = 0; u < B; ++u) {
-      if (u < n) {
-        xv[u] = load_vec<V>(x, off[u]);
-        gv[u] = load_vec<V>(dy, off[u]);
-      }
-    }
+    load_batch<V, B>(x, off, n, xv);
+    load_batch<V, B>(dy, off, n, gv);
 #pragma unroll
     for (int u = 0; u < B; ++u) {
       if (u >= n) break;
@@ -116,13 +111,8 @@ struct BatchGradInputOp {
   template <int V, int B>
   __device__ __forceinline__ void apply(const int64_t* off, int n, const Coef<acc_t, V>& k) const {
     Vec<scalar_t, V> xv[B], gv[B];
-#pragma unroll
-    for (int u = 0; u < B; ++u) {
-      if (u < n) {
-        xv[u] = load_vec<V>(x, off[u]);
-        gv[u] = load_vec<V>(dy, off[u]);
-      }
-    }
+    load_batch<V, B>(x, off, n, xv);
+    load_batch<V, B>(dy, off, n, gv);
 #pragma unroll
     for (int u = 0; u < B; ++u) {
       if (u >= n) break;
@@ -160,9 +150,7 @@ struct FrozenGradInputOp {
   template <int V, int B>
   __device__ __forceinline__ void apply(const int64_t* off, int n, const Coef<acc_t, V>& k) const {
     Vec<scalar_t, V> gv[B];
-#pragma unroll
-    for (int u = 0; u < B; ++u)
-      if (u < n) gv[u] = load_vec<V>(dy, off[u]);
+    load_batch<V, B>(dy, off, n, gv);
 #pragma unroll
     for (int u = 0; u < B; ++u) {
       if (u >= n) break;

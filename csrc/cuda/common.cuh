@@ -37,6 +37,15 @@ __device__ __forceinline__ void store_vec(T* __restrict__ p, int64_t offset, con
   *reinterpret_cast<Vec<T, V>*>(p + offset) = v;
 }
 
+// Loads the n (<= B) vectors of p at off[0..n) into v[0..n), all before any is used, so that B loads are in
+// flight at once (for_each_batch hands the ops their offsets in batches of B for this).
+template <int V, int B, typename T>
+__device__ __forceinline__ void load_batch(const T* __restrict__ p, const int64_t* off, int n, Vec<T, V>* v) {
+#pragma unroll
+  for (int u = 0; u < B; ++u)
+    if (u < n) v[u] = load_vec<V>(p, off[u]);
+}
+
 // Per-lane per-channel coefficients of an op (the meaning of a..d is the op's).
 template <typename acc_t, int V>
 struct Coef {

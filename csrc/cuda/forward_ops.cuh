@@ -29,9 +29,7 @@ struct ShiftedMomentsOp {
   __device__ __forceinline__ void accumulate(const int64_t* off, int n, const Coef<acc_t, V>& k, acc_t* s1,
                                              acc_t* s2) const {
     Vec<scalar_t, V> v[B];
-#pragma unroll
-    for (int u = 0; u < B; ++u)
-      if (u < n) v[u] = load_vec<V>(x, off[u]);
+    load_batch<V, B>(x, off, n, v);
 #pragma unroll
     for (int u = 0; u < B; ++u) {
       if (u >= n) break;
@@ -114,9 +112,7 @@ struct AffineOp {
   template <int V, int B>
   __device__ __forceinline__ void apply(const int64_t* off, int n, const Coef<acc_t, V>& k) const {
     Vec<scalar_t, V> v[B];
-#pragma unroll
-    for (int u = 0; u < B; ++u)
-      if (u < n) v[u] = load_vec<V>(x, off[u]);
+    load_batch<V, B>(x, off, n, v);
 #pragma unroll
     for (int u = 0; u < B; ++u) {
       if (u >= n) break;
