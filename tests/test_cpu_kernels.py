@@ -6,8 +6,8 @@ here run in this process (the chosen set) and once more in a subprocess on the b
 
 The shapes are larger than the parity tests' so that the loops split the data into several slices, a
 slice starts and ends inside an (n, c) plane, a plane is longer than one accumulation block, the
-channel count is not a multiple of the vector width, and the channels-last row count is not a multiple of
-the row unroll.
+channel count is not a multiple of the vector width, the channels-last row count is not a multiple of
+the row unroll, and the normalize / grad_input passes walk several cache-sized chunks per thread.
 """
 import os
 import platform
@@ -33,6 +33,10 @@ SHAPES = [
     ("ncdhw_cl3d", (3, 5, 4, 4, 130), torch.channels_last_3d),
     ("nc_rows", (6001, 7), None),                          # (N, C): rows of 7 channels
     ("ncl", (16, 300, 33), None),
+    # A pass after another walks each thread's range in 1 MiB chunks, last chunk first: ranges of one full
+    # and one partial chunk (and more in float64), planes / rows not dividing a chunk.
+    ("nchw_chunks", (8, 6, 100, 110), None),               # 44,000-byte float32 planes, 48 planes
+    ("nhwc_chunks", (4, 40, 60, 70), torch.channels_last),  # 16,800 rows of 160 bytes (float32)
 ]
 
 # input dtype -> (atol, rtol) against the float64 reference

@@ -109,7 +109,10 @@ Tensor affine_map(const Tensor& input, const Layout& L, const Tensor& weight, co
     }
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    with_cpu_kernels([&](auto kernels) { kernels.affine_map(L, x, scale.data(), offset.data(), y); });
+    // Normalizing with batch statistics follows the pass that computed them over the same input (here, or
+    // batch_norm_stats before batch_norm_elemt); the eval forward is the only pass over its input.
+    const bool after_pass = !spread_is_var;
+    with_cpu_kernels([&](auto kernels) { kernels.affine_map(L, x, scale.data(), offset.data(), y, after_pass); });
   });
   return out;
 }

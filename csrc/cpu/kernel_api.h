@@ -16,16 +16,18 @@ struct Kernels {
   template <typename scalar_t>
   static void moments_sums(const Layout& L, const scalar_t* x, const opmath<scalar_t>* shift,
                            std::vector<double>& sum, std::vector<double>& sum_sq);
-  // out = x * scale[c] + offset[c].
+  // out = x * scale[c] + offset[c]; after_pass: x was just read front to back (by the statistics), so the map
+  // walks it last chunk first to find the end still in cache.
   template <typename scalar_t>
   static void affine_map(const Layout& L, const scalar_t* x, const opmath<scalar_t>* scale,
-                         const opmath<scalar_t>* offset, scalar_t* out);
+                         const opmath<scalar_t>* offset, scalar_t* out, bool after_pass);
   // sum dy and sum dy * (x - mean[c]) per channel; with dx, also dx = dx_scale[c] * dy in the same pass.
   template <typename scalar_t>
   static void backward_sums(const Layout& L, const scalar_t* dy, const scalar_t* x, const opmath<scalar_t>* mean,
                             const opmath<scalar_t>* dx_scale, scalar_t* dx, std::vector<double>& sum_dy,
                             std::vector<double>& sum_dy_xmu);
-  // dx = dy * gain[c] + (x - mean[c]) * xmu_coef[c] + offset[c] (the batch-statistics input gradient).
+  // dx = dy * gain[c] + (x - mean[c]) * xmu_coef[c] + offset[c] (the batch-statistics input gradient; it
+  // follows the gradient sums, so it walks the inputs last chunk first, as affine_map after_pass).
   template <typename scalar_t>
   static void grad_input_map(const Layout& L, const scalar_t* dy, const scalar_t* x, const opmath<scalar_t>* mean,
                              const opmath<scalar_t>* gain, const opmath<scalar_t>* xmu_coef,

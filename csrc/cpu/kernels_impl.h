@@ -113,31 +113,54 @@ void channel_sums(const Layout& L, const F& f, std::vector<double>& sum1, std::v
   }
 }
 
-// out[idx] = g(idx, c) for every element.
+// A pass over memory that the pass before read front to back (the statistics before the normalize pass, the
+// gradient sums before grad_input) walks each thread's range in chunks of about kReuseChunkBytes of each
+// tensor, the last chunk first and each chunk front to back: what the previous pass read last is what the
+// caches still hold, and within a chunk the hardware prefetchers still see a forward stream. (2-vCPU AMD
+// EPYC, channels-last float32: backward 9-12 % faster at 12.8 MB per tensor, training forward about 6 % at
+// 25.7 MB and unchanged at 12.8 MB; chunks of 256 KB or 4 MB gained less.)
+constexpr int64_t kReuseChunkBytes = 1 << 20;
+
+// Calls f(u) for every unit u in [u0, u1): in order, or with last_chunk_first in chunks of `chunk` units
+// taken from the end.
+template <typename F>
+inline void walk_units(int64_t u0, int64_t u1, int64_t chunk, bool last_chunk_first, const F& f) {
+  if (!last_chunk_first) {
+    for (int64_t u = u0; u < u1; ++u) f(u);
+    return;
+  }
+  for (int64_t c1 = u1; c1 > u0; c1 -= chunk) {
+    for (int64_t u = std::max(u0, c1 - chunk); u < c1; ++u) f(u);
+  }
+}
+
+// out[idx] = g(idx, c) for every element; after_pass: the input was just read by a pass in memory order.
 template <typename scalar_t, typename G>
-void channel_map(const Layout& L, scalar_t* out, const G& g) {
+void channel_map(const Layout& L, scalar_t* out, const G& g, bool after_pass) {
   const int64_t C = L.C;
   if (L.rows == 0 || C == 0) return;
+  const int64_t unit_bytes = (L.channels_last ? C : L.inner) * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t chunk = std::max<int64_t>(1, kReuseChunkBytes / std::max<int64_t>(1, unit_bytes));
   if (!L.channels_last) {
     const int64_t S = L.inner;
     at::parallel_for(0, L.N * C, std::max<int64_t>(1, kGrainElements / S), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
+      walk_units(p0, p1, chunk, after_pass, [&](int64_t p) {
         const int64_t c = p % C;
         const int64_t base = p * S;
 #pragma omp simd simdlen(4)  // see below
         for (int64_t s = 0; s < S; ++s) out[base + s] = static_cast<scalar_t>(g(base + s, c));
-      }
+      });
     });
     return;
   }
   at::parallel_for(0, L.rows, std::max<int64_t>(1, kGrainElements / C), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
+    walk_units(r0, r1, chunk, after_pass, [&](int64_t r) {
       const int64_t base = r * C;
 // Four elements per vector: with 8-float (AVX2) vectors the maps ran slower on inputs streamed from memory
 // (measured on an AMD EPYC: channels-last 10-25 %, NC* about 6 %); the sums gain from the wider vectors.
 #pragma omp simd simdlen(4)
       for (int64_t c = 0; c < C; ++c) out[base + c] = static_cast<scalar_t>(g(base + c, c));
-    }
+    });
   });
 }
 
@@ -155,9 +178,10 @@ void Kernels::moments_sums(const Layout& L, const scalar_t* x, const opmath<scal
 
 template <typename scalar_t>
 void Kernels::affine_map(const Layout& L, const scalar_t* x, const opmath<scalar_t>* scale,
-                         const opmath<scalar_t>* offset, scalar_t* out) {
+                         const opmath<scalar_t>* offset, scalar_t* out, bool after_pass) {
   using opmath_t = opmath<scalar_t>;
-  channel_map(L, out, [=](int64_t i, int64_t c) { return static_cast<opmath_t>(x[i]) * scale[c] + offset[c]; });
+  channel_map(L, out, [=](int64_t i, int64_t c) { return static_cast<opmath_t>(x[i]) * scale[c] + offset[c]; },
+              after_pass);
 }
 
 template <typename scalar_t>
@@ -186,20 +210,21 @@ void Kernels::grad_input_map(const Layout& L, const scalar_t* dy, const scalar_t
   using opmath_t = opmath<scalar_t>;
   channel_map(L, dx, [=](int64_t i, int64_t c) {
     return static_cast<opmath_t>(dy[i]) * gain[c] + (static_cast<opmath_t>(x[i]) - mean[c]) * xmu_coef[c] + offset[c];
-  });
+  }, /*after_pass=*/true);
 }
 
 template <typename scalar_t>
 void Kernels::scale_map(const Layout& L, const scalar_t* dy, const opmath<scalar_t>* gain, scalar_t* dx) {
   using opmath_t = opmath<scalar_t>;
-  channel_map(L, dx, [=](int64_t i, int64_t c) { return static_cast<opmath_t>(dy[i]) * gain[c]; });
+  channel_map(L, dx, [=](int64_t i, int64_t c) { return static_cast<opmath_t>(dy[i]) * gain[c]; },
+              /*after_pass=*/false);
 }
 
 #define BNX_INSTANTIATE_CPU_KERNELS(scalar_t)                                                                    \
   template void Kernels::moments_sums<scalar_t>(const Layout&, const scalar_t*, const opmath<scalar_t>*,        \
                                                 std::vector<double>&, std::vector<double>&);                    \
   template void Kernels::affine_map<scalar_t>(const Layout&, const scalar_t*, const opmath<scalar_t>*,          \
-                                              const opmath<scalar_t>*, scalar_t*);                              \
+                                              const opmath<scalar_t>*, scalar_t*, bool);                        \
   template void Kernels::backward_sums<scalar_t>(const Layout&, const scalar_t*, const scalar_t*,               \
                                                  const opmath<scalar_t>*, const opmath<scalar_t>*, scalar_t*,   \
                                                  std::vector<double>&, std::vector<double>&);                   \
