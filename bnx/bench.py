@@ -211,7 +211,7 @@ class Timer:
         host_us (GPU only): host time to issue one call (CPU launch overhead), else None."""
         if self.device.type == "cuda":
             return self._cuda(fn, nsets)
-        return self._cpu(fn, nsets)
+        return self.cpu_interleaved({"fn": fn}, nsets)["fn"]
 
     def _cuda(self, fn, nsets):
         # With several input sets, the outputs of the last nsets calls stay alive, so every call also writes
@@ -247,29 +247,6 @@ class Timer:
         keep.clear()
         ts = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
         return statistics.median(ts), min(ts), reps, cpu_per_call * 1e6
-
-    def _cpu(self, fn, nsets):
-        keep = collections.deque(maxlen=nsets if nsets > 1 else 0)
-        for j in range(self.warmup):
-            keep.append(fn(j % nsets))
-        ts = []
-        t_end = time.perf_counter() + self.cpu_seconds
-        r = 0
-        while True:
-            t0 = time.perf_counter()
-            out = fn(r % nsets)
-            t1 = time.perf_counter()
-            keep.append(out)
-            out = None
-            ts.append((t1 - t0) * 1e6)
-            r += 1
-            if self.reps is not None:
-                if r >= self.reps:
-                    break
-            elif (r >= 5 and t1 >= t_end) or r >= 200:
-                break
-        keep.clear()
-        return statistics.median(ts), min(ts), len(ts), None
 
     def cpu_interleaved(self, fns, nsets):
         """CPU: times several implementations of one case in alternation, one call each per round (the
