@@ -52,7 +52,7 @@ def cuda_header_dirs():
 
 
 def make_extension():
-    sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "checks.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = [os.path.join("csrc", name) for name in ("ops.cpp", "checks.cpp", "autograd.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx_flags = ["-O3", "-fopenmp"]  # at::parallel_for is inline OpenMP: without -fopenmp it runs on one thread
     define_macros = []
     if cuda_wanted():

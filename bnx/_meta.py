@@ -94,3 +94,21 @@ def _batch_norm_backward_fake(grad_out, input, mean, invstd, weight, formula, ou
     grad_weight = input.new_empty((C,) if output_mask[1] else (0,), dtype=param_dtype)
     grad_bias = input.new_empty((C,) if output_mask[2] else (0,), dtype=param_dtype)
     return grad_input, grad_weight, grad_bias
+
+
+@register_fake("bnx::batch_norm")
+def _batch_norm_fake(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, backward):
+    _check_input(
+        input,
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_var=running_var,
+        num_batches_tracked=num_batches_tracked,
+    )
+    torch._check(backward in ("batch", "frozen"), lambda: f'bnx: formula must be "batch" or "frozen", got "{backward}"')
+    torch._check(
+        training or (running_mean is not None and running_var is not None),
+        lambda: "bnx: batch_norm with training=False normalizes with running_mean and running_var, but they are None",
+    )
+    return _like_input(input)

@@ -1,4 +1,9 @@
-"""The autograd.Function behind bnx: the elementwise pass of batch norm with a switchable backward."""
+"""bnx's Python autograd.Functions: batch norm with a switchable backward.
+
+Eager calls of bnx.functional go to the layer op torch.ops.bnx.batch_norm, whose autograd kernel is C++
+(csrc/autograd.cpp). These Functions run the same ops for what a C++ autograd Function cannot serve:
+torch.compile tracing, torch.func transforms and forward-mode AD (bnx.functional._python_function_needed);
+they are also public, for direct use."""
 import inspect
 
 import torch

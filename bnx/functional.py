@@ -1,7 +1,11 @@
 """bnx.functional.batch_norm: torch.nn.functional.batch_norm with a choice of backward formula."""
 import torch
+from torch.autograd import forward_ad
 
 from .autograd import FORMULAS, BatchNormEvalFunction, BatchNormTrainFunction
+
+# The layer op with its autograd kernel in C++ (csrc/autograd.cpp), looked up once.
+_layer_op = torch.ops.bnx.batch_norm.default
 
 __all__ = ["batch_norm", "resolve_backward"]
 
@@ -19,6 +23,17 @@ def resolve_backward(backward, use_batch_stats):
             "Use backward='frozen' (or None), or training=True."
         )
     return backward
+
+
+def _python_function_needed():
+    """True when the call must go through bnx's Python autograd.Functions rather than the C++ layer op:
+    under torch.compile (dynamo traces the Functions), torch.func transforms (vmap, grad: a C++ autograd
+    Function refuses them) and forward-mode AD (which custom C++ Functions do not support)."""
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or forward_ad._current_level >= 0
+    )
 
 
 def _verify_batch_size(input):
@@ -106,14 +121,22 @@ def batch_norm(
     elif eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     formula = resolve_backward(backward, training)
+    if training:
+        if momentum is None:
+            if running_mean is not None and num_batches_tracked is None:
+                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+            momentum = 0.0
+        if num_batches_tracked is not None and running_mean is None:
+            num_batches_tracked = None
+    else:  # the running statistics are only read
+        num_batches_tracked, momentum = None, 0.0
+    if not _python_function_needed():
+        return _layer_op(
+            input, weight, bias, running_mean, running_var, num_batches_tracked, training, float(momentum), float(eps),
+            formula,
+        )
     if not training:
         return BatchNormEvalFunction.apply(input, weight, bias, running_mean, running_var, eps)
-    if momentum is None:
-        if running_mean is not None and num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        momentum = 0.0
-    if num_batches_tracked is not None and running_mean is None:
-        num_batches_tracked = None
     output, _, _ = BatchNormTrainFunction.apply(
         input, weight, bias, running_mean, running_var, num_batches_tracked, float(momentum), float(eps), formula
     )

@@ -1,4 +1,5 @@
-// The bnx operator schemas. Kernels live in csrc/cpu and csrc/cuda; fake kernels in bnx/_meta.py.
+// The bnx operator schemas. Kernels live in csrc/cpu and csrc/cuda (the layer op's autograd kernel in
+// csrc/autograd.cpp); fake kernels in bnx/_meta.py.
 // docs/DESIGN.md describes each op.
 #include <Python.h>
 #include <torch/library.h>
@@ -20,6 +21,11 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(bnx, m) {
+  // The layer: forward (batch statistics when training, else the running statistics) with its autograd
+  // kernel in C++ and the backward formula ("batch" or "frozen") as an argument (csrc/autograd.cpp).
+  m.def(
+      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor? num_batches_tracked, bool training, float momentum, float eps, str backward) -> Tensor");
   // Per-channel batch mean and invstd; updates the running statistics in place when given.
   m.def(
       "batch_norm_stats(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, "

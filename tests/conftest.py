@@ -44,6 +44,16 @@ def device(request):
     return request.param
 
 
+@pytest.fixture(params=["cpp", "python"])
+def autograd_path(request, monkeypatch):
+    """Runs a test through each of bnx.functional's two autograd paths: "cpp", the layer op with its C++
+    autograd kernel (the eager default), and "python", the autograd.Functions of bnx/autograd.py (what
+    torch.compile, torch.func transforms and forward-mode AD get)."""
+    if request.param == "python":
+        monkeypatch.setattr(bnx.functional, "_python_function_needed", lambda: True)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same RNG state (tests re-seed explicitly where it matters)."""

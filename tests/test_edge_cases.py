@@ -67,7 +67,7 @@ def _strided_cases(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(_strided_cases("cpu")))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_arbitrary_strides(device, case, training):
+def test_arbitrary_strides(device, case, training, autograd_path):
     """Non-contiguous / overlapping-stride inputs give the values of the contiguous input."""
     torch.manual_seed(60)
     x = _strided_cases(device)[case]
@@ -123,7 +123,7 @@ def test_larger_inputs(device, shape, mf, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("which", ["x", "w", "b", "wb", "xb"])
-def test_partial_requires_grad(device, training, which):
+def test_partial_requires_grad(device, training, which, autograd_path):
     """Only the tensors that require grad get one, with torch's values."""
     torch.manual_seed(63)
     C = 3
@@ -148,7 +148,7 @@ def test_partial_requires_grad(device, training, which):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("formula", [None, "frozen"])
 @pytest.mark.parametrize("which", ["weight_only", "bias_only"])
-def test_weight_without_bias_and_bias_without_weight(device, training, formula, which):
+def test_weight_without_bias_and_bias_without_weight(device, training, formula, which, autograd_path):
     """weight=None or bias=None (the other given) match torch."""
     if formula == "frozen" and not training:
         formula = None
@@ -177,7 +177,7 @@ def test_weight_without_bias_and_bias_without_weight(device, training, formula, 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("formula", [None, "frozen"])
-def test_broadcast_grad_out(device, training, formula):
+def test_broadcast_grad_out(device, training, formula, autograd_path):
     """A stride-0 (expanded) grad_out, as produced by (y * v).sum(), gives torch's grads."""
     if formula == "frozen" and not training:
         formula = None
@@ -216,7 +216,7 @@ class _NoGradient(torch.autograd.Function):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_output_without_gradient(device, training):
+def test_output_without_gradient(device, training, autograd_path):
     """When the output's gradient is undefined, x, weight and bias get none from batch norm, as with torch's:
     weight and bias come back None (not zeros) and x's gradient is only what reaches it by other paths."""
     torch.manual_seed(66)
@@ -253,7 +253,7 @@ def test_num_batches_tracked_overrides_momentum(device, momentum):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_module_under_no_grad_and_inference_mode(device):
+def test_module_under_no_grad_and_inference_mode(device, autograd_path):
     """Train-mode forward under no_grad / inference_mode still normalizes with batch stats and
     updates running stats, like torch."""
     torch.manual_seed(67)
@@ -270,7 +270,7 @@ def test_module_under_no_grad_and_inference_mode(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_noncontiguous_per_channel_tensors(device, training):
+def test_noncontiguous_per_channel_tensors(device, training, autograd_path):
     """Strided views as weight/bias/running stats: same values as torch, and the in-place
     running-stat update writes through the view into the underlying buffer."""
     torch.manual_seed(68)
@@ -307,7 +307,7 @@ def test_noncontiguous_per_channel_tensors(device, training):
                                            (torch.float16, torch.float32),
                                            (torch.float64, torch.float32)],
                          ids=["f32_f64", "f32_bf16", "f32_f16", "bf16_f64", "f16_f32", "f64_f32"])
-def test_per_channel_dtype_differs_from_input(device, in_dt, stat_dt):
+def test_per_channel_dtype_differs_from_input(device, in_dt, stat_dt, autograd_path):
     """Running stats / weight / bias in another float dtype than the input (DESIGN: allowed):
     output in input's dtype, grads and running stats in their own dtype, values per formula."""
     torch.manual_seed(69)

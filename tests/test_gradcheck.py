@@ -52,7 +52,7 @@ def _fn(formula, running, affine):
 @pytest.mark.parametrize("formula", ["batch", "frozen"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
 @pytest.mark.parametrize("layout", SMALL_LAYOUTS, ids=LAYOUT_IDS)
-def test_gradcheck(device, formula, affine, layout):
+def test_gradcheck(device, formula, affine, layout, autograd_path):
     """First derivatives of both formulas match finite differences (float64)."""
     torch.manual_seed(1)
     _, shape, mf = layout
@@ -66,7 +66,7 @@ def test_gradcheck(device, formula, affine, layout):
 @pytest.mark.parametrize("formula", ["batch", "frozen"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
 @pytest.mark.parametrize("layout", SMALL_LAYOUTS, ids=LAYOUT_IDS)
-def test_gradgradcheck(device, formula, affine, layout):
+def test_gradgradcheck(device, formula, affine, layout, autograd_path):
     """Second derivatives (double backward, create_graph=True) match finite differences."""
     torch.manual_seed(2)
     _, shape, mf = layout
@@ -77,7 +77,7 @@ def test_gradgradcheck(device, formula, affine, layout):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck_default_backward_picks_matching_formula(device):
+def test_gradcheck_default_backward_picks_matching_formula(device, autograd_path):
     """backward=None is the true derivative of whatever forward runs (train and eval)."""
     torch.manual_seed(3)
     x, w, b = _inputs((4, 3, 2, 2), None, True, device)
@@ -102,7 +102,7 @@ def _grads(y, inputs, gy):
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
 @pytest.mark.parametrize("with_running", [False, True], ids=["norunning", "running"])
 @pytest.mark.parametrize("layout", SMALL_LAYOUTS, ids=LAYOUT_IDS)
-def test_frozen_train_equals_eval_with_batch_stats(device, dtype, affine, with_running, layout):
+def test_frozen_train_equals_eval_with_batch_stats(device, dtype, affine, with_running, layout, autograd_path):
     """training=True, backward="frozen": output is the batch-stats forward, and all grads equal
     those of the eval forward whose running stats are the batch mean / biased batch var (bnx
     eval path and native torch eval path)."""
@@ -155,7 +155,7 @@ def test_frozen_train_equals_eval_with_batch_stats(device, dtype, affine, with_r
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_frozen_differs_from_batch_in_training(device):
+def test_frozen_differs_from_batch_in_training(device, autograd_path):
     """Sanity: in training mode the two formulas give different grad_input (the switch works)
     but identical grad_weight / grad_bias."""
     torch.manual_seed(5)
@@ -178,7 +178,7 @@ def test_frozen_differs_from_batch_in_training(device):
                                   ("eval", None), ("eval", "frozen")],
                          ids=lambda m: f"{m[0]}-{m[1]}")
 @pytest.mark.parametrize("mf", [None, torch.channels_last], ids=["contiguous", "cl"])
-def test_create_graph_path_matches_fused_path(device, dtype, mode, mf):
+def test_create_graph_path_matches_fused_path(device, dtype, mode, mf, autograd_path):
     """First-order grads computed with create_graph=True (differentiable torch ops) equal the
     fused-kernel grads (create_graph=False), with the same dtypes and layouts."""
     torch.manual_seed(6)

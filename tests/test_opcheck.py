@@ -14,6 +14,7 @@ from conftest import DEVICES, make_input
 
 ops = torch.ops.bnx
 COVERED = {
+    "bnx::batch_norm",
     "bnx::batch_norm_stats",
     "bnx::batch_norm_train_forward",
     "bnx::batch_norm_elemt",
@@ -99,6 +100,21 @@ def test_opcheck_batch_norm_train_forward(device, layout, dtype_case, running, a
     else:
         args = (x, w, b, rm, rv, torch.tensor(3, device=device), 0.1, 1e-5)
     opcheck(ops.batch_norm_train_forward.default, args)
+
+
+@params
+@pytest.mark.parametrize("mode", ["train_batch", "train_frozen", "train_running", "eval_frozen"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_opcheck_batch_norm(device, layout, dtype_case, mode, affine):
+    """The layer op (C++ autograd kernel), with inputs that require grad so its backward is checked too."""
+    x, gy, w, b, rm, rv, mean, invstd = _setup(device, layout, dtype_case)
+    x.requires_grad_()
+    w, b = (w.requires_grad_(), b.requires_grad_()) if affine else (None, None)
+    training = mode != "eval_frozen"
+    running = mode in ("train_running", "eval_frozen")
+    formula = "batch" if mode in ("train_batch", "train_running") else "frozen"
+    args = (x, w, b, rm if running else None, rv if running else None, None, training, 0.1, 1e-5, formula)
+    opcheck(ops.batch_norm.default, args)
 
 
 @params

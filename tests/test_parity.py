@@ -79,7 +79,7 @@ def _zero(m):
 @pytest.mark.parametrize("dtype_case", list(DTYPES))
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))
 @pytest.mark.parametrize("kind", list(MODULES))
-def test_module_parity(device, dtype_case, cfg_name, kind):
+def test_module_parity(device, dtype_case, cfg_name, kind, autograd_path):
     """Train steps then eval: outputs, input/weight/bias grads, running stats and
     num_batches_tracked agree with torch.nn.BatchNorm*d."""
     torch.manual_seed(10)
@@ -204,7 +204,7 @@ def test_backward_op_keeps_input_memory_format(device, formula, mf, gy_format):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("with_running", [True, False], ids=["running", "norunning"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
-def test_functional_parity(device, shape, training, with_running, affine):
+def test_functional_parity(device, shape, training, with_running, affine, autograd_path):
     """bnx.functional.batch_norm == torch.nn.functional.batch_norm: output, grads, running
     stats (float32)."""
     if not training and not with_running:
@@ -236,7 +236,7 @@ def test_functional_parity(device, shape, training, with_running, affine):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("nbt", [1, 2, 7])
-def test_functional_num_batches_tracked_factor(device, nbt):
+def test_functional_num_batches_tracked_factor(device, nbt, autograd_path):
     """num_batches_tracked=k (momentum=None) updates running stats with factor 1/k, exactly
     like torch with momentum=1/k; the functional does not modify num_batches_tracked."""
     torch.manual_seed(14)
