@@ -1,10 +1,13 @@
 """Where bnx's CPU time goes, layer by layer, against native: `python benchmarks/cpu_layers.py --help`.
 
-Two measurements, each a ratio native time / bnx time from implementations called in alternation (as
-`python -m bnx bench --device cpu` does):
-- ops: bnx's ops against native's (eval forward, training forward, backward) on inputs that rotate, so that
-  no call finds its input in cache; then the same eval forward through bnx's autograd.Function and through
-  bnx.functional, against F.batch_norm: what the Python layers cost on a large input.
+Three measurements; the first two are ratios reference time / bnx time from implementations called in
+alternation (as `python -m bnx bench --device cpu` does), on inputs that rotate so that no call finds its
+input in cache:
+- ops: bnx's ops against native's (eval forward, training forward, backward); then the same eval forward
+  through bnx's Python autograd.Function and through bnx.functional, against F.batch_norm.
+- autograd: training forward + backward (torch.autograd.grad of x, weight, bias): bnx's ops called bare
+  against native's, then bnx.functional (the C++ autograd op) against F.batch_norm, and against the same
+  through bnx's Python autograd.Function: what the layers around the kernels cost on a large input.
 - calls: per-call time on a tiny input (the layers' fixed cost): F.batch_norm against bnx.functional, and
   torch.nn.BatchNorm2d against bnx.BatchNorm2d, forward and forward + backward.
 Run it a few times: a shared machine moves these ratios by several per cent from run to run.
@@ -60,6 +63,40 @@ def _pairs(shape, channels_last):
     }
 
 
+def _autograd_pairs(shape, channels_last):
+    """{label: (bnx_fn, reference_fn)} for training forward + backward, each fn(i) working on input set i."""
+    C = shape[1]
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    xs = [torch.randn(shape).contiguous(memory_format=mf).requires_grad_() for _ in range(NSETS)]
+    dys = [torch.randn(shape).contiguous(memory_format=mf) for _ in range(NSETS)]
+    w, b = (torch.rand(C) + 0.5).requires_grad_(), torch.randn(C).requires_grad_()
+    rm, rv = torch.zeros(C), torch.ones(C)
+    wd, bd, mask = w.detach(), b.detach(), [True, True, True]
+
+    def bare_bnx(i):
+        x = xs[i].detach()
+        _, mean, invstd = torch.ops.bnx.batch_norm_train_forward(x, wd, bd, rm, rv, None, MOMENTUM, EPS)
+        return torch.ops.bnx.batch_norm_backward(dys[i], x, mean, invstd, wd, "batch", mask)
+
+    def bare_native(i):
+        x = xs[i].detach()
+        _, mean, invstd = torch.ops.aten.native_batch_norm(x, wd, bd, rm, rv, True, MOMENTUM, EPS)
+        return torch.ops.aten.native_batch_norm_backward(dys[i], x, wd, rm, rv, mean, invstd, True, EPS, mask)
+
+    def layer(f):
+        return lambda i: torch.autograd.grad(f(xs[i]), (xs[i], w, b), dys[i])
+
+    bnx_functional = layer(lambda x: bnx.functional.batch_norm(x, rm, rv, w, b, True, MOMENTUM, EPS))
+    python_function = layer(lambda x: bnx.autograd.BatchNormTrainFunction.apply(
+        x, w, b, rm, rv, None, MOMENTUM, EPS, "batch")[0])
+    return {
+        "ops, bare": (bare_bnx, bare_native),
+        "functional vs F.batch_norm": (bnx_functional, layer(lambda x: F.batch_norm(x, rm, rv, w, b, True, MOMENTUM, EPS))),
+        "functional vs Python Function": (bnx_functional, python_function),
+    }
+
+
 def _per_call_us(fn, n, repeats=5):
     for _ in range(max(10, n // 20)):
         fn()
@@ -107,11 +144,16 @@ def main(argv=None):
     print(f"torch {torch.__version__}, bnx CPU kernels {bnx.cpu_kernels()}, threads {torch.get_num_threads()}")
     timer = Timer(torch.device("cpu"), reps=None, warmup=2, cpu_seconds=args.seconds)
     print(f"{args.layout} {shape} float32: native time / bnx time (calls alternate; inputs rotate among {NSETS} sets)")
-    with torch.no_grad():
-        for label, (mine, theirs) in _pairs(shape, args.layout == "nhwc").items():
+    def compare(pairs):
+        for label, (mine, theirs) in pairs.items():
             res = timer.cpu_interleaved({"bnx": mine, "ref": theirs}, NSETS)
             print(f"  {label:30s} {res['ref'][0] / res['bnx'][0]:5.2f}x   "
                   f"(bnx {res['bnx'][0]:8.1f} us, reference {res['ref'][0]:8.1f} us)")
+
+    with torch.no_grad():
+        compare(_pairs(shape, args.layout == "nhwc"))
+    print("training forward + backward:")
+    compare(_autograd_pairs(shape, args.layout == "nhwc"))
     if args.calls:
         calls(args.calls)
     return 0
