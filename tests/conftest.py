@@ -50,6 +50,11 @@ def autograd_path(request, monkeypatch):
     autograd kernel (the eager default), and "python", the autograd.Functions of bnx/autograd.py (what
     torch.compile, torch.func transforms and forward-mode AD get)."""
     if request.param == "python":
+        callspec = getattr(request.node, "callspec", None)
+        if callspec is not None and callspec.params.get("device") == "cuda":
+            # GPU time is scarce: on CUDA the Python path is checked against the C++ one bit for bit in
+            # test_cpp_autograd.py (every mode, dtype and layout) and under torch.compile in test_compile.py.
+            pytest.skip("Python autograd path: covered on CUDA by test_cpp_autograd.py and test_compile.py")
         monkeypatch.setattr(bnx.functional, "_python_function_needed", lambda: True)
     return request.param
 
