@@ -27,6 +27,8 @@ EPS = 1e-5
 SHAPES = [
     ("nchw_big_planes", (3, 3, 70, 70), None),             # planes of 4900 elements, slices cut planes
     ("nchw_odd", (5, 70, 9, 11), None),                    # 99-element planes, C = 70
+    ("nchw_tiny_planes", (701, 20, 2, 3), None),           # 6-element planes (fewer than the lanes), slices cut planes
+    ("nchw_s15", (3, 9, 3, 5), None),                      # 15-element planes, one slice
     ("nhwc_c70", (5, 70, 9, 11), torch.channels_last),     # 495 rows (not a multiple of 4), C = 70
     ("nhwc_c130", (2, 130, 17, 17), torch.channels_last),  # C > 64
     ("nhwc_c16", (4, 16, 30, 31), torch.channels_last),    # few channels, many rows

@@ -50,6 +50,24 @@ void channel_sums(const Layout& L, const F& f, std::vector<double>& sum1, std::v
         // Elements [e0, e1) cover parts of consecutive (n, c) planes of S elements.
         const int64_t S = L.inner;
         const int64_t e0 = total * t / slices, e1 = total * (t + 1) / slices;
+        if (S < kLanes) {
+          // Planes shorter than the lanes (e.g. 2x2): one plain sum per plane; zeroing and folding 2 x kLanes
+          // lanes per plane cost more than the plane's few elements.
+          for (int64_t e = e0; e < e1;) {
+            const int64_t plane = e / S;
+            const int64_t c = plane % C;
+            const int64_t end = std::min(e1, (plane + 1) * S);
+            opmath_t a = 0, b = 0;
+            for (; e < end; ++e) {
+              const auto v = f(e, c);
+              a += v.first;
+              b += v.second;
+            }
+            p1[c] += a;
+            p2[c] += b;
+          }
+          continue;
+        }
         for (int64_t e = e0; e < e1;) {
           const int64_t plane = e / S;
           const int64_t c = plane % C;
