@@ -98,17 +98,13 @@ def _batch_norm_backward_fake(grad_out, input, mean, invstd, weight, formula, ou
 
 @register_fake("bnx::batch_norm")
 def _batch_norm_fake(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, backward):
-    _check_input(
-        input,
-        weight=weight,
-        bias=bias,
-        running_mean=running_mean,
-        running_var=running_var,
-        num_batches_tracked=num_batches_tracked,
-    )
     torch._check(backward in ("batch", "frozen"), lambda: f'bnx: formula must be "batch" or "frozen", got "{backward}"')
     torch._check(
         training or (running_mean is not None and running_var is not None),
         lambda: "bnx: batch_norm with training=False normalizes with running_mean and running_var, but they are None",
     )
-    return _like_input(input)
+    if training:
+        return _batch_norm_train_forward_fake(
+            input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
+        )[0]
+    return _batch_norm_inference_fake(input, weight, bias, running_mean, running_var, eps)
