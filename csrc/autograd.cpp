@@ -184,15 +184,8 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
 
 namespace {
 
-Tensor batch_norm_autograd(const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
-                           const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
-                           const c10::optional<Tensor>& num_batches_tracked, bool training, double momentum,
-                           double eps, c10::string_view backward) {
-  return BatchNormFunction::apply(input, weight, bias, running_mean, running_var, num_batches_tracked, training,
-                                  momentum, eps, backward);
-}
-
-// Below autograd (inference mode, or a caller that already handles autograd): the forward alone.
+// Below autograd (inference mode, no graph to build, or a caller that already handles autograd): the forward
+// alone.
 Tensor batch_norm_no_autograd(const Tensor& input, const c10::optional<Tensor>& weight,
                               const c10::optional<Tensor>& bias, const c10::optional<Tensor>& running_mean,
                               const c10::optional<Tensor>& running_var,
@@ -201,6 +194,29 @@ Tensor batch_norm_no_autograd(const Tensor& input, const c10::optional<Tensor>& 
   check_layer_args(training, running_mean, running_var, parse_formula(backward));
   return std::get<0>(
       layer_forward(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps));
+}
+
+bool requires_grad(const c10::optional<Tensor>& t) { return t.has_value() && t->defined() && t->requires_grad(); }
+bool has_tangent(const c10::optional<Tensor>& t) {
+  return t.has_value() && t->defined() && t->_fw_grad(/*level=*/0).defined();
+}
+
+Tensor batch_norm_autograd(const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                           const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+                           const c10::optional<Tensor>& num_batches_tracked, bool training, double momentum,
+                           double eps, c10::string_view backward) {
+  // No graph to build (no_grad, or nothing requires grad, as in an eval loop): the forward alone, without
+  // the autograd Function's node and saved tensors. Forward-mode tangents (which grad mode does not turn off)
+  // go to the Function, which refuses them rather than dropping them.
+  const bool graph = at::GradMode::is_enabled() && (input.requires_grad() || requires_grad(weight) || requires_grad(bias));
+  const bool tangents = has_tangent(input) || has_tangent(weight) || has_tangent(bias);
+  if (!graph && !tangents) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return batch_norm_no_autograd(input, weight, bias, running_mean, running_var, num_batches_tracked, training,
+                                  momentum, eps, backward);
+  }
+  return BatchNormFunction::apply(input, weight, bias, running_mean, running_var, num_batches_tracked, training,
+                                  momentum, eps, backward);
 }
 
 }  // namespace

@@ -171,3 +171,37 @@ def test_op_checks_its_arguments():
                 torch.ops.bnx.batch_norm(x, None, None, rm, rv, None, False, 0.1, 1e-5, "batch")
             with pytest.raises(RuntimeError, match="formula"):
                 torch.ops.bnx.batch_norm(x, None, None, None, None, None, True, 0.1, 1e-5, "exact")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("how", ["no_grad", "nothing_requires_grad"])
+def test_no_graph_calls_run_the_forward_alone(device, training, how):
+    """Without a graph to build the autograd kernel runs the forward alone: same output and running
+    statistics as with a graph, no grad_fn."""
+    x, w, b, rm, rv, gy = _setup(device)
+    rm2, rv2 = rm.clone(), rv.clone()
+    formula = "batch" if training else "frozen"
+    expected = torch.ops.bnx.batch_norm(x.clone().requires_grad_(), w, b, rm, rv, None, training, 0.1, 1e-5, formula)
+    assert expected.grad_fn is not None
+    if how == "no_grad":
+        with torch.no_grad():
+            got = torch.ops.bnx.batch_norm(x.clone().requires_grad_(), w, b, rm2, rv2, None, training, 0.1, 1e-5,
+                                           formula)
+    else:
+        got = torch.ops.bnx.batch_norm(x, w, b, rm2, rv2, None, training, 0.1, 1e-5, formula)
+    assert got.grad_fn is None and not got.requires_grad
+    assert torch.equal(got, expected.detach())
+    assert torch.equal(rm2, rm) and torch.equal(rv2, rv)
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+def test_op_refuses_forward_mode_tangents(grad_mode):
+    """Forward-mode AD goes through the Python Functions (bnx.functional routes it there); the C++ op called
+    with a dual tensor raises, also under no_grad (which does not turn forward AD off), instead of returning
+    an output without the tangent."""
+    x, w, b, rm, rv, gy = _setup("cpu")
+    with forward_ad.dual_level(), torch.set_grad_enabled(grad_mode):
+        dual = forward_ad.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="jvp is not implemented"):
+            torch.ops.bnx.batch_norm(dual, w, b, rm, rv, None, False, 0.1, 1e-5, "frozen")
