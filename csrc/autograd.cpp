@@ -2,7 +2,7 @@
 // autograd Function around the forward and backward ops (device-independent: they dispatch to the CPU or
 // CUDA kernels), with the backward formula as an argument.
 //
-// Why in C++: the same steps written as a Python torch.autograd.Function (bnx/autograd.py) cost 40 us more
+// Why in C++: the same steps written as a Python torch.autograd.Function (bnx/autograd.py) cost about 20 us more
 // per forward + backward on a small input, and on large inputs more again, since every Python step then
 // runs with the caches and TLB flushed by the kernel before it (2-vCPU AMD EPYC, float32 channels-last
 // (16,64,56,56): about 450 us of Python and autograd glue around 2.2 ms of kernels, against 200-250 us for
