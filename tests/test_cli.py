@@ -181,6 +181,22 @@ def test_bench_script_wrapper(tmp_path):
     _check_bench_json(json.loads(js.read_text()), (6, 4), {"train_fwd_bwd", "eval_fwd"}, {"nchw"})
 
 
+def test_cpu_layers_script_runs():
+    """benchmarks/cpu_layers.py (a measurement, not a test of speed): it runs and prints every comparison with
+    a ratio and both times, and the per-call rows."""
+    p = run_bnx("--shape", "4,8,6,6", "--seconds", "0.01", "--calls", "5", "--threads", "1",
+                cmd=[sys.executable, os.path.join(ROOT, "benchmarks", "cpu_layers.py")])
+    assert p.returncode == 0, p.stderr
+    labels = ["op: eval forward", "op: training forward", "op: backward (batch)", "Function: eval forward vs op",
+              "functional: eval forward", "ops, bare", "functional vs F.batch_norm", "functional vs Python Function"]
+    for label in labels:
+        m = re.search(re.escape(label) + r"\s+(\S+)x\s+\(bnx\s+(\S+) us, reference\s+(\S+) us\)", p.stdout)
+        assert m, f"{label!r} missing:\n{p.stdout}"
+        assert all(float(v) > 0 for v in m.groups())
+    for name in ("bnx.functional", "F.batch_norm", "bnx.BatchNorm2d", "torch.nn.BatchNorm2d"):
+        assert re.search(re.escape(name) + r"\s+forward\s+\S+ us\s+forward \+ backward\s+\S+ us", p.stdout), p.stdout
+
+
 def test_bench_importable():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
