@@ -132,9 +132,6 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["formula"] = formula == Formula::Batch;
     ctx->saved_data["bias_dtype"] = b.defined() ? static_cast<int64_t>(b.scalar_type()) : int64_t(-1);
-    // needs_input_grad counts the defined tensor arguments only: weight is the second when defined.
-    ctx->saved_data["weight_edge"] = w.defined() ? int64_t(1) : int64_t(-1);
-    ctx->saved_data["bias_edge"] = b.defined() ? int64_t(w.defined() ? 2 : 1) : int64_t(-1);
     // An undefined output gradient gives no gradients (as torch's layer), not zeros.
     ctx->set_materialize_grads(false);
     return output;
@@ -149,10 +146,13 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     const bool training = ctx->saved_data["training"].toBool();
     const double eps = ctx->saved_data["eps"].toDouble();
     const Formula formula = ctx->saved_data["formula"].toBool() ? Formula::Batch : Formula::Frozen;
-    const int64_t weight_edge = ctx->saved_data["weight_edge"].toInt();
-    const int64_t bias_edge = ctx->saved_data["bias_edge"].toInt();
-    const std::array<bool, 3> needs{ctx->needs_input_grad(0), weight_edge >= 0 && ctx->needs_input_grad(weight_edge),
-                                    bias_edge >= 0 && ctx->needs_input_grad(bias_edge)};
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    const bool has_bias = bias_dtype >= 0;
+    // needs_input_grad counts the defined tensor arguments only: weight is the second when defined, bias
+    // the one after the defined ones before it.
+    const int64_t bias_edge = weight.defined() ? 2 : 1;
+    const std::array<bool, 3> needs{ctx->needs_input_grad(0), weight.defined() && ctx->needs_input_grad(1),
+                                    has_bias && ctx->needs_input_grad(bias_edge)};
     Tensor mean = saved[2], invstd = saved[3];
     if (!training) {  // constants: the running statistics
       const auto acc = stat_dtype(input);
@@ -170,7 +170,6 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
         if (!needs[i]) grads[i] = Tensor();  // the op returns empty tensors for what it was not asked
       }
     }
-    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
     if (grads[2].defined() && grads[2].scalar_type() != static_cast<at::ScalarType>(bias_dtype)) {
       grads[2] = grads[2].to(static_cast<at::ScalarType>(bias_dtype));
     }
