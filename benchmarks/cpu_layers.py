@@ -31,13 +31,19 @@ from bnx.bench import EPS, MOMENTUM, Timer
 NSETS = 6
 
 
+def _input_sets(shape, channels_last, requires_grad=False):
+    """NSETS inputs and output gradients of `shape` in the chosen layout (seeded)."""
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    xs = [torch.randn(shape).contiguous(memory_format=mf).requires_grad_(requires_grad) for _ in range(NSETS)]
+    dys = [torch.randn(shape).contiguous(memory_format=mf) for _ in range(NSETS)]
+    return xs, dys
+
+
 def _pairs(shape, channels_last):
     """{label: (bnx_fn, native_fn)}, each fn(i) working on input set i."""
     C = shape[1]
-    mf = torch.channels_last if channels_last else torch.contiguous_format
-    torch.manual_seed(0)
-    xs = [torch.randn(shape).contiguous(memory_format=mf) for _ in range(NSETS)]
-    dys = [torch.randn(shape).contiguous(memory_format=mf) for _ in range(NSETS)]
+    xs, dys = _input_sets(shape, channels_last)
     w, b = torch.rand(C) + 0.5, torch.randn(C)
     rm, rv = torch.randn(C) * 0.1, torch.rand(C) + 0.5
     saved = [torch.ops.bnx.batch_norm_train_forward(x, w, b, None, None, None, MOMENTUM, EPS) for x in xs]
@@ -66,10 +72,7 @@ def _pairs(shape, channels_last):
 def _autograd_pairs(shape, channels_last):
     """{label: (bnx_fn, reference_fn)} for training forward + backward, each fn(i) working on input set i."""
     C = shape[1]
-    mf = torch.channels_last if channels_last else torch.contiguous_format
-    torch.manual_seed(0)
-    xs = [torch.randn(shape).contiguous(memory_format=mf).requires_grad_() for _ in range(NSETS)]
-    dys = [torch.randn(shape).contiguous(memory_format=mf) for _ in range(NSETS)]
+    xs, dys = _input_sets(shape, channels_last, requires_grad=True)
     w, b = (torch.rand(C) + 0.5).requires_grad_(), torch.randn(C).requires_grad_()
     rm, rv = torch.zeros(C), torch.ones(C)
     wd, bd, mask = w.detach(), b.detach(), [True, True, True]
