@@ -162,12 +162,16 @@ def test_more_than_2_31_elements_bf16():
             assert err < 2 ** -6, (c, err)
 
 
+@pytest.mark.parametrize("plane_groups", ["0", "1"], ids=["default", "plane_groups"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(6, 5, 7, 9), (4, 7, 16, 16), (3, 4, 5, 6, 8)])
-def test_fused_passes_match_reference(dtype, shape):
+@pytest.mark.parametrize("shape", [(6, 5, 7, 9), (4, 7, 16, 16), (3, 4, 5, 6, 8), (9, 16, 7, 7), (5, 16, 14, 14),
+                                   (300, 32, 3, 3)])
+def test_fused_passes_match_reference(dtype, shape, plane_groups, monkeypatch):
     """The fused training forward (statistics, running stats, normalize walking in reverse) and the fused
-    backward (sums, then grad_input) on odd shapes (odd plane sizes take the narrow-vector paths) give the
+    backward (sums, then grad_input) on odd shapes (odd plane sizes take the narrow-vector paths, or with
+    BNX_CUDA_PLANE_GROUPS=1 the plane-groups walk where C allows: 7x7, 3x3, 14x14 in bf16) give the
     float64 reference's outputs, running stats and gradients, both formulas."""
+    monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", plane_groups)
     torch.manual_seed(7)
     C = shape[1]
     x = (torch.randn(shape, device=DEV) * 2 + 1).to(dtype)

@@ -23,12 +23,13 @@ struct GradSumsOp {
   const acc_t* __restrict__ weight;
   const acc_t* __restrict__ invstd;
 
-  template <int V, bool CL>
-  __device__ Coef<acc_t, V> coef(int64_t cbase, bool active) const {
+  template <int V>
+  __device__ Coef<acc_t, V> coef(const Lanes<V>& lanes) const {
+    const bool active = lanes.active;
     Coef<acc_t, V> k;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const int64_t c = lane_channel<CL>(cbase, i);
+      const int64_t c = lanes.c[i];
       k.a[i] = active ? mean[c] : acc_t(0);
       k.b[i] = (kWriteDx && active) ? (weight != nullptr ? weight[c] : acc_t(1)) * invstd[c] : acc_t(0);
     }
@@ -88,12 +89,13 @@ struct BatchGradInputOp {
   const acc_t* __restrict__ sum_dy_xmu;
   acc_t inv_count;
 
-  template <int V, bool CL>
-  __device__ Coef<acc_t, V> coef(int64_t cbase, bool active) const {
+  template <int V>
+  __device__ Coef<acc_t, V> coef(const Lanes<V>& lanes) const {
+    const bool active = lanes.active;
     Coef<acc_t, V> k;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const int64_t c = lane_channel<CL>(cbase, i);
+      const int64_t c = lanes.c[i];
       if (!active) {
         k.a[i] = k.b[i] = k.c[i] = k.d[i] = acc_t(0);
         continue;
@@ -136,12 +138,13 @@ struct FrozenGradInputOp {
   const acc_t* __restrict__ invstd;
   const acc_t* __restrict__ weight;
 
-  template <int V, bool CL>
-  __device__ Coef<acc_t, V> coef(int64_t cbase, bool active) const {
+  template <int V>
+  __device__ Coef<acc_t, V> coef(const Lanes<V>& lanes) const {
+    const bool active = lanes.active;
     Coef<acc_t, V> k;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const int64_t c = lane_channel<CL>(cbase, i);
+      const int64_t c = lanes.c[i];
       k.a[i] = active ? (weight != nullptr ? weight[c] : acc_t(1)) * invstd[c] : acc_t(0);
     }
     return k;
@@ -189,8 +192,9 @@ void gradient_sums(const BackwardArgs& a, const Tensor& weight, const Tensor& dx
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
     const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.defined() ? dx.mutable_data_ptr<scalar_t>() : nullptr;
-    const int V = dx.defined() ? vector_width(a.L, sizeof(scalar_t), {x, dy, dxp}) : vector_width(a.L, sizeof(scalar_t), {x, dy});
-    const Plan p = sums_plan(a.L, V);
+    const Access access = dx.defined() ? choose_access(a.L, sizeof(scalar_t), {x, dy, dxp})
+                                       : choose_access(a.L, sizeof(scalar_t), {x, dy});
+    const Plan p = sums_plan(a.L, access);
     const Tensor workspace = partial_workspace<acc_t>(p, a.input);
     auto out = [](const Tensor& t) { return t.defined() ? t.mutable_data_ptr<acc_t>() : nullptr; };
     const GradFinalize<acc_t> fin{out(sum_dy), out(sum_dy_xmu), out(grad_weight), out(grad_bias),
@@ -198,13 +202,13 @@ void gradient_sums(const BackwardArgs& a, const Tensor& weight, const Tensor& dx
     const acc_t* mean = a.mean.const_data_ptr<acc_t>();
     const acc_t* invstd = a.invstd.const_data_ptr<acc_t>();
     const acc_t* w = ptr_or_null<acc_t>(weight);
-    dispatch_plan<scalar_t>(p, [&](auto vec, auto cl) {
+    dispatch_plan<scalar_t>(p, [&](auto vec, auto walk) {
       constexpr int kV = decltype(vec)::value;
-      constexpr bool kCL = decltype(cl)::value;
+      constexpr int kW = decltype(walk)::value;
       if (dxp != nullptr) {
-        launch_sums<acc_t, kV, kCL>(p, GradSumsOp<scalar_t, acc_t, true>{x, dy, dxp, mean, w, invstd}, fin, workspace);
+        launch_sums<acc_t, kV, kW>(p, GradSumsOp<scalar_t, acc_t, true>{x, dy, dxp, mean, w, invstd}, fin, workspace);
       } else {
-        launch_sums<acc_t, kV, kCL>(p, GradSumsOp<scalar_t, acc_t, false>{x, dy, nullptr, mean, w, invstd}, fin, workspace);
+        launch_sums<acc_t, kV, kW>(p, GradSumsOp<scalar_t, acc_t, false>{x, dy, nullptr, mean, w, invstd}, fin, workspace);
       }
     });
   });
@@ -217,12 +221,12 @@ void batch_grad_input(const BackwardArgs& a, const Tensor& weight, const Tensor&
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
     const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    const Plan p = map_plan(a.L, vector_width(a.L, sizeof(scalar_t), {x, dy, dxp}), /*reverse=*/true);
+    const Plan p = map_plan(a.L, choose_access(a.L, sizeof(scalar_t), {x, dy, dxp}), /*reverse=*/true);
     const BatchGradInputOp<scalar_t, acc_t> op{x, dy, dxp, a.mean.const_data_ptr<acc_t>(), a.invstd.const_data_ptr<acc_t>(),
                                                ptr_or_null<acc_t>(weight), sum_dy.const_data_ptr<acc_t>(),
                                                sum_dy_xmu.const_data_ptr<acc_t>(), acc_t(1) / static_cast<acc_t>(count)};
-    dispatch_plan<scalar_t>(p, [&](auto vec, auto cl) {
-      launch_map<acc_t, decltype(vec)::value, decltype(cl)::value>(p, op);
+    dispatch_plan<scalar_t>(p, [&](auto vec, auto walk) {
+      launch_map<acc_t, decltype(vec)::value, decltype(walk)::value>(p, op);
     });
   });
 }
@@ -237,8 +241,8 @@ void batch_backward(const BackwardArgs& a, const Tensor& weight, const Tensor& d
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
     const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.defined() ? dx.mutable_data_ptr<scalar_t>() : nullptr;
-    const int V = dxp != nullptr ? vector_width(a.L, sizeof(scalar_t), {x, dy, dxp})
-                                 : vector_width(a.L, sizeof(scalar_t), {x, dy});
+    const Access access = dxp != nullptr ? choose_access(a.L, sizeof(scalar_t), {x, dy, dxp})
+                                         : choose_access(a.L, sizeof(scalar_t), {x, dy});
     auto out = [](const Tensor& t) { return t.defined() ? t.mutable_data_ptr<acc_t>() : nullptr; };
     const GradFinalize<acc_t> fin{out(sum_dy), out(sum_dy_xmu), out(grad_weight), out(grad_bias),
                                   a.invstd.const_data_ptr<acc_t>()};
@@ -249,12 +253,12 @@ void batch_backward(const BackwardArgs& a, const Tensor& weight, const Tensor& d
     const BatchGradInputOp<scalar_t, acc_t> dx_op{x, dy, dxp, mean, invstd, w, sum_dy.const_data_ptr<acc_t>(),
                                                   sum_dy_xmu.const_data_ptr<acc_t>(),
                                                   acc_t(1) / static_cast<acc_t>(a.L.rows)};
-    const Plan ps = sums_plan(a.L, V);
-    const Plan pm = map_plan(a.L, V, /*reverse=*/true);  // starts where the sums ended: still in L2
+    const Plan ps = sums_plan(a.L, access);
+    const Plan pm = map_plan(a.L, access, /*reverse=*/true);  // starts where the sums ended: still in L2
     const Tensor workspace = partial_workspace<acc_t>(ps, a.input);
-    dispatch_plan<scalar_t>(ps, [&](auto vec, auto cl) {
-      launch_sums<acc_t, decltype(vec)::value, decltype(cl)::value>(ps, sums_op, fin, workspace);
-      if (dxp != nullptr) launch_map<acc_t, decltype(vec)::value, decltype(cl)::value>(pm, dx_op);
+    dispatch_plan<scalar_t>(ps, [&](auto vec, auto walk) {
+      launch_sums<acc_t, decltype(vec)::value, decltype(walk)::value>(ps, sums_op, fin, workspace);
+      if (dxp != nullptr) launch_map<acc_t, decltype(vec)::value, decltype(walk)::value>(pm, dx_op);
     });
   });
 }
@@ -264,10 +268,10 @@ void frozen_grad_input(const BackwardArgs& a, const Tensor& weight, const Tensor
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    const Plan p = map_plan(a.L, vector_width(a.L, sizeof(scalar_t), {dy, dxp}));
+    const Plan p = map_plan(a.L, choose_access(a.L, sizeof(scalar_t), {dy, dxp}));
     const FrozenGradInputOp<scalar_t, acc_t> op{dy, dxp, a.invstd.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(weight)};
-    dispatch_plan<scalar_t>(p, [&](auto vec, auto cl) {
-      launch_map<acc_t, decltype(vec)::value, decltype(cl)::value>(p, op);
+    dispatch_plan<scalar_t>(p, [&](auto vec, auto walk) {
+      launch_map<acc_t, decltype(vec)::value, decltype(walk)::value>(p, op);
     });
   });
 }
@@ -275,7 +279,7 @@ void frozen_grad_input(const BackwardArgs& a, const Tensor& weight, const Tensor
 std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(const Tensor& grad_out, const Tensor& input,
                                                            const Tensor& mean, const Tensor& invstd) {
   const BackwardArgs a = prepare(grad_out, input, mean, invstd);
-  const c10::cuda::CUDAGuard guard(a.input.device());
+  const DeviceGuard guard(a.input.device());
   Tensor sum_dy = at::zeros({a.L.C}, a.input.options().dtype(a.acc));
   Tensor sum_dy_xmu = at::zeros({a.L.C}, a.input.options().dtype(a.acc));
   if (a.L.rows > 0 && a.L.C > 0) gradient_sums(a, Tensor(), Tensor(), sum_dy, sum_dy_xmu, Tensor(), Tensor());
@@ -286,7 +290,7 @@ Tensor batch_norm_backward_elemt_cuda(const Tensor& grad_out, const Tensor& inpu
                                       const Tensor& invstd, const c10::optional<Tensor>& weight_,
                                       const Tensor& sum_dy, const Tensor& sum_dy_xmu, int64_t count) {
   const BackwardArgs a = prepare(grad_out, input, mean, invstd);
-  const c10::cuda::CUDAGuard guard(a.input.device());
+  const DeviceGuard guard(a.input.device());
   check_channel_tensor(value_or_undefined(weight_), "weight", input);
   check_channel_tensor(sum_dy, "sum_dy", input);
   check_channel_tensor(sum_dy_xmu, "sum_dy_xmu", input);
@@ -303,7 +307,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
                                                             const c10::optional<Tensor>& weight_,
                                                             c10::string_view formula_, std::array<bool, 3> output_mask) {
   const BackwardArgs a = prepare(grad_out, input, mean, invstd);
-  const c10::cuda::CUDAGuard guard(a.input.device());
+  const DeviceGuard guard(a.input.device());
   const Tensor weight_orig = value_or_undefined(weight_);
   check_channel_tensor(weight_orig, "weight", input);
   const Formula formula = parse_formula(formula_);
@@ -337,7 +341,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
 }  // namespace cuda
 }  // namespace bnx
 
-TORCH_LIBRARY_IMPL(bnx, CUDA, m) {
+TORCH_LIBRARY_IMPL(BNX_CUDA_LIBRARY, BNX_CUDA_KEY, m) {
   m.impl("batch_norm_backward_reduce", &bnx::cuda::batch_norm_backward_reduce_cuda);
   m.impl("batch_norm_backward_elemt", &bnx::cuda::batch_norm_backward_elemt_cuda);
   m.impl("batch_norm_backward", &bnx::cuda::batch_norm_backward_cuda);

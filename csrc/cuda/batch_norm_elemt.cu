@@ -13,7 +13,7 @@ using at::Tensor;
 
 Tensor affine_forward(const Tensor& input_, const c10::optional<Tensor>& weight_, const c10::optional<Tensor>& bias_,
                       const Tensor& mean_, const Tensor& scale_, bool scale_is_var, double eps) {
-  const c10::cuda::CUDAGuard guard(input_.device());
+  const DeviceGuard guard(input_.device());
   const Layout L = layout_of(input_);
   const Tensor input = dense_as(input_, L.format);
   Tensor out = at::empty_like(input, L.format);
@@ -27,13 +27,13 @@ Tensor affine_forward(const Tensor& input_, const c10::optional<Tensor>& weight_
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    const int V = vector_width(L, sizeof(scalar_t), {x, y});
-    const Plan p = map_plan(L, V);
+    const Access access = choose_access(L, sizeof(scalar_t), {x, y});
+    const Plan p = map_plan(L, access);
     const AffineOp<scalar_t, acc_t> op{x, y, ptr_or_null<acc_t>(weight), ptr_or_null<acc_t>(bias),
                                        mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(),
                                        scale_is_var, static_cast<acc_t>(eps)};
-    dispatch_plan<scalar_t>(p, [&](auto vec, auto cl) {
-      launch_map<acc_t, decltype(vec)::value, decltype(cl)::value>(p, op);
+    dispatch_plan<scalar_t>(p, [&](auto vec, auto walk) {
+      launch_map<acc_t, decltype(vec)::value, decltype(walk)::value>(p, op);
     });
   });
   return out;
@@ -58,7 +58,7 @@ Tensor batch_norm_inference_cuda(const Tensor& input, const c10::optional<Tensor
 }  // namespace cuda
 }  // namespace bnx
 
-TORCH_LIBRARY_IMPL(bnx, CUDA, m) {
+TORCH_LIBRARY_IMPL(BNX_CUDA_LIBRARY, BNX_CUDA_KEY, m) {
   m.impl("batch_norm_elemt", &bnx::cuda::batch_norm_elemt_cuda);
   m.impl("batch_norm_inference", &bnx::cuda::batch_norm_inference_cuda);
 }

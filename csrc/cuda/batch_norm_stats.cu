@@ -67,7 +67,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input_, const c10
                                                  const c10::optional<Tensor>& num_batches_tracked,
                                                  double momentum, double eps) {
   StatsArgs a = prepare_stats(input_, running_mean, running_var, num_batches_tracked, eps);
-  const c10::cuda::CUDAGuard guard(a.input.device());
+  const DeviceGuard guard(a.input.device());
   const auto options = a.input.options().dtype(stat_dtype(a.input));
   Tensor mean = at::empty({a.L.C}, options), invstd = at::empty({a.L.C}, options);
   if (a.L.C == 0) return {mean, invstd};
@@ -78,12 +78,12 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input_, const c10
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
-    const Plan p = sums_plan(a.L, vector_width(a.L, sizeof(scalar_t), {x}));
-    const ShiftedMomentsOp<scalar_t, acc_t> op{x, a.L.inner};
+    const Plan p = sums_plan(a.L, choose_access(a.L, sizeof(scalar_t), {x}));
+    const ShiftedMomentsOp<scalar_t, acc_t> op{x, a.L.channels_last ? 1 : a.L.inner};
     const auto fin = moments_finalize<scalar_t, acc_t>(a, momentum, eps, mean, invstd);
     const Tensor workspace = partial_workspace<acc_t>(p, a.input);
-    dispatch_plan<scalar_t>(p, [&](auto vec, auto cl) {
-      launch_sums<acc_t, decltype(vec)::value, decltype(cl)::value>(p, op, fin, workspace);
+    dispatch_plan<scalar_t>(p, [&](auto vec, auto walk) {
+      launch_sums<acc_t, decltype(vec)::value, decltype(walk)::value>(p, op, fin, workspace);
     });
   });
   a.finish();
@@ -97,7 +97,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_forward_cuda(
     const c10::optional<Tensor>& num_batches_tracked, double momentum, double eps) {
   check_affine(input_, weight_, bias_);
   StatsArgs a = prepare_stats(input_, running_mean, running_var, num_batches_tracked, eps);
-  const c10::cuda::CUDAGuard guard(a.input.device());
+  const DeviceGuard guard(a.input.device());
   const auto acc = stat_dtype(a.input);
   const auto options = a.input.options().dtype(acc);
   Tensor mean = at::empty({a.L.C}, options), invstd = at::empty({a.L.C}, options);
@@ -113,18 +113,18 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_forward_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    const int V = vector_width(a.L, sizeof(scalar_t), {x, y});
-    const ShiftedMomentsOp<scalar_t, acc_t> stats_op{x, a.L.inner};
+    const Access access = choose_access(a.L, sizeof(scalar_t), {x, y});
+    const ShiftedMomentsOp<scalar_t, acc_t> stats_op{x, a.L.channels_last ? 1 : a.L.inner};
     const auto fin = moments_finalize<scalar_t, acc_t>(a, momentum, eps, mean, invstd);
     const AffineOp<scalar_t, acc_t> affine_op{x, y, ptr_or_null<acc_t>(weight), ptr_or_null<acc_t>(bias),
                                               mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
                                               /*scale_is_var=*/false, acc_t(0)};
-    const Plan ps = sums_plan(a.L, V);
-    const Plan pm = map_plan(a.L, V, /*reverse=*/true);  // starts where the statistics ended: still in L2
+    const Plan ps = sums_plan(a.L, access);
+    const Plan pm = map_plan(a.L, access, /*reverse=*/true);  // starts where the statistics ended: still in L2
     const Tensor workspace = partial_workspace<acc_t>(ps, a.input);
-    dispatch_plan<scalar_t>(ps, [&](auto vec, auto cl) {
-      launch_sums<acc_t, decltype(vec)::value, decltype(cl)::value>(ps, stats_op, fin, workspace);
-      launch_map<acc_t, decltype(vec)::value, decltype(cl)::value>(pm, affine_op);
+    dispatch_plan<scalar_t>(ps, [&](auto vec, auto walk) {
+      launch_sums<acc_t, decltype(vec)::value, decltype(walk)::value>(ps, stats_op, fin, workspace);
+      launch_map<acc_t, decltype(vec)::value, decltype(walk)::value>(pm, affine_op);
     });
   });
   a.finish();
@@ -135,7 +135,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_forward_cuda(
 }  // namespace cuda
 }  // namespace bnx
 
-TORCH_LIBRARY_IMPL(bnx, CUDA, m) {
+TORCH_LIBRARY_IMPL(BNX_CUDA_LIBRARY, BNX_CUDA_KEY, m) {
   m.impl("batch_norm_stats", &bnx::cuda::batch_norm_stats_cuda);
   m.impl("batch_norm_train_forward", &bnx::cuda::batch_norm_train_forward_cuda);
 }

@@ -3,17 +3,27 @@
 //    finalize step), deterministic: every sum is taken in a fixed order, no atomics.
 //  - channel_map_kernel: an elementwise pass where each thread owns fixed channel(s), so its per-channel
 //    coefficients live in registers and no index is divided per element.
-// A thread walks 16-byte vectors of one channel (NCHW: V elements of one plane) or of V adjacent channels
-// (channels-last rows).
+// A thread walks 16-byte vectors of one channel (NCHW: V elements of one plane), of V adjacent channels
+// (channels-last rows), or of the planes of V adjacent channels (NCHW planes no vector divides, see Walk).
 #pragma once
 
 #include <ATen/ATen.h>
+#ifdef BNX_CUDA_EMULATION
+// Compiled as C++ for tests on CPU tensors (emulation.h): the ops register under another library name.
+#include "emulation.h"
+#define BNX_CUDA_LIBRARY bnx_cuda_emulation
+#define BNX_CUDA_KEY CPU
+#else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#define BNX_CUDA_LIBRARY bnx
+#define BNX_CUDA_KEY CUDA
+#endif
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "../common.h"
 
@@ -21,6 +31,25 @@ namespace bnx {
 namespace cuda {
 
 constexpr int kThreads = 256;
+
+#ifdef BNX_CUDA_EMULATION
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+#else
+using DeviceGuard = c10::cuda::CUDAGuard;
+#endif
+
+// Launches kernel<<<grid, block>>>(args...) on the current stream and checks the launch.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, const Args&... args) {
+#ifdef BNX_CUDA_EMULATION
+  emulation::launch(grid, block, [&] { kernel(args...); });
+#else
+  kernel<<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
 
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Vec {
@@ -52,6 +81,22 @@ struct Coef {
   acc_t a[V], b[V], c[V], d[V];
 };
 
+// How a launch walks the tensor (a template argument of the kernels):
+//  - kPlanes: NCHW; a CTA owns one channel, its threads walk vectors of that channel's planes.
+//  - kRows: channels-last rows; a thread owns V adjacent channels and walks rows.
+//  - kPlaneGroups: NCHW whose plane size S no 16-byte vector divides (7x7; 14x14 in 16-bit types), which
+//    kPlanes could only walk with narrow or scalar loads. A CTA owns V adjacent channels: in each batch entry
+//    their planes are V * S contiguous elements, S 16-byte vectors, and thread x owns vector x of every batch
+//    entry, so its lanes' channels ((x * V + lane) / S) are fixed and its coefficients stay in registers.
+//    Opt-in (BNX_CUDA_PLANE_GROUPS=1) until it has been measured on a GPU.
+enum Walk : int { kPlanes = 0, kRows = 1, kPlaneGroups = 2 };
+
+// A vector width and the walk that uses it.
+struct Access {
+  int V = 1;
+  int walk = kPlanes;
+};
+
 // How a launch covers the tensor. "rows" are NCHW batch entries (one plane of S elements per channel)
 // or channels-last rows (C channels each).
 struct Plan {
@@ -64,7 +109,7 @@ struct Plan {
   int64_t splits = 0;
   int tx = 1, ty = 1;
   int V = 1;
-  bool channels_last = false;
+  int walk = kPlanes;
   bool reverse = false;  // walk the tiles last to first (see tile_x)
   dim3 grid() const { return dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(splits)); }
   dim3 block() const { return dim3(tx, ty); }
@@ -92,34 +137,65 @@ inline int vector_width(const Layout& L, int64_t element_size, std::initializer_
   return 1;
 }
 
-inline int num_sms() {
-  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+inline bool plane_groups_enabled() {
+  const char* v = std::getenv("BNX_CUDA_PLANE_GROUPS");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
 }
 
-// ctas_per_sm: how many 256-thread CTAs per SM the launch aims for (one full wave at 8).
-// ctas_per_sm: how many 256-thread CTAs per SM the launch aims for; min_vecs_per_thread: the least work a
-// thread should get (sums kernels end with a block reduction, so they want fatter CTAs).
-inline Plan make_plan(const Layout& L, int V, int ctas_per_sm, int min_vecs_per_thread) {
+// The walk and vector width for a layout and the pointers a pass touches: kPlaneGroups where it gives NCHW
+// planes 16-byte vectors that kPlanes cannot (see Walk), otherwise kPlanes / kRows with vector_width.
+inline Access choose_access(const Layout& L, int64_t element_size, std::initializer_list<const void*> ptrs) {
+  Access a;
+  a.walk = L.channels_last ? kRows : kPlanes;
+  a.V = vector_width(L, element_size, ptrs);
+  const int64_t v16 = 16 / element_size;
+  if (L.channels_last || a.V >= v16 || v16 < 2 || L.inner > kThreads || L.C % v16 != 0 || !plane_groups_enabled())
+    return a;
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return a;
+  a.walk = kPlaneGroups;
+  a.V = static_cast<int>(v16);
+  return a;
+}
+
+inline int num_sms() {
+#ifdef BNX_CUDA_EMULATION
+  return emulation::num_sms();
+#else
+  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+#endif
+}
+
+// ctas_per_sm: how many 256-thread CTAs per SM the launch aims for (one full wave at 8); min_vecs_per_thread:
+// the least work a thread should get (sums kernels end with a block reduction, so they want fatter CTAs).
+inline Plan make_plan(const Layout& L, Access a, int ctas_per_sm, int min_vecs_per_thread) {
   Plan p;
   p.C = L.C;
   p.S = L.inner;
-  p.V = V;
-  p.channels_last = L.channels_last;
-  if (L.channels_last) {
+  p.V = a.V;
+  p.walk = a.walk;
+  if (a.walk == kRows) {
     p.rows = L.rows;
-    p.vecs_per_row = L.C / V;
+    p.vecs_per_row = L.C / a.V;
     p.tx = pow2_at_least(p.vecs_per_row, 32);
     p.grid_x = ceil_div(p.vecs_per_row, p.tx);
+  } else if (a.walk == kPlaneGroups) {
+    // One thread per vector of a batch entry's run of V planes (S <= kThreads), kThreads / S batch entries
+    // at a time.
+    p.rows = L.N;
+    p.vecs_per_row = L.inner;
+    p.tx = static_cast<int>(L.inner);
+    p.grid_x = L.C / a.V;
   } else {
     p.rows = L.N;
-    p.vecs_per_row = L.inner / V;
+    p.vecs_per_row = L.inner / a.V;
     p.tx = pow2_at_least(p.vecs_per_row, kThreads);
     p.grid_x = L.C;
   }
   p.ty = kThreads / p.tx;
   const int64_t target = static_cast<int64_t>(num_sms()) * ctas_per_sm;
   // Each thread should get at least min_vecs_per_thread vectors, and each thread-row at least one row.
-  const int64_t vecs_per_thread_row = L.channels_last ? 1 : ceil_div(p.vecs_per_row, p.tx);
+  const int64_t vecs_per_thread_row = a.walk == kPlanes ? ceil_div(p.vecs_per_row, p.tx) : 1;
   const int64_t max_by_work = std::max<int64_t>(1, p.rows * vecs_per_thread_row / (int64_t(min_vecs_per_thread) * p.ty));
   int64_t splits = std::max<int64_t>(1, ceil_div(target, p.grid_x));
   splits = std::min({splits, max_by_work, ceil_div(p.rows, p.ty), int64_t(4096)});
@@ -132,9 +208,9 @@ inline Plan make_plan(const Layout& L, int V, int ctas_per_sm, int min_vecs_per_
 // Plans of the two kernel shapes. A sums kernel ends with a block reduction and a partial-sum write, so
 // it wants fewer, fatter CTAs; a map kernel has no epilogue and just wants the machine full. A map pass
 // that follows a sums pass over the same data walks in reverse (see tile_x).
-inline Plan sums_plan(const Layout& L, int V) { return make_plan(L, V, 8, 16); }
-inline Plan map_plan(const Layout& L, int V, bool reverse = false) {
-  Plan p = make_plan(L, V, 16, 4);
+inline Plan sums_plan(const Layout& L, Access a) { return make_plan(L, a, 8, 16); }
+inline Plan map_plan(const Layout& L, Access a, bool reverse = false) {
+  Plan p = make_plan(L, a, 16, 4);
   p.reverse = reverse;
   return p;
 }
@@ -158,21 +234,30 @@ __device__ __forceinline__ int64_t tile_y(const Plan& p) {
 }
 
 // Calls f(offsets, n) with up to B element offsets of vectors this thread owns (n of them valid).
-template <int V, int B, bool CL, typename F>
+template <int V, int B, int W, typename F>
 __device__ __forceinline__ void for_each_batch(const Plan& p, F&& f) {
   const int64_t r0 = tile_y(p) * p.rows_per_split;
   const int64_t r1 = ::min(p.rows, r0 + p.rows_per_split);
   int64_t off[B];
-  if (CL) {
-    const int64_t cv = tile_x(p) * blockDim.x + threadIdx.x;
-    if (cv >= p.vecs_per_row) return;
-    const int64_t col = cv * V;
+  if (W != kPlanes) {
+    // One vector position of every row: channels-last, V channels of a row; plane groups, vector x of a
+    // batch entry's run of V planes.
+    int64_t col, row_stride;
+    if (W == kRows) {
+      const int64_t cv = tile_x(p) * blockDim.x + threadIdx.x;
+      if (cv >= p.vecs_per_row) return;
+      col = cv * V;
+      row_stride = p.C;
+    } else {
+      col = tile_x(p) * V * p.S + static_cast<int64_t>(threadIdx.x) * V;
+      row_stride = p.C * p.S;
+    }
     for (int64_t r = r0 + threadIdx.y; r < r1; r += static_cast<int64_t>(blockDim.y) * B) {
       int n = 0;
 #pragma unroll
       for (int u = 0; u < B; ++u) {
         const int64_t row = r + static_cast<int64_t>(u) * blockDim.y;
-        off[u] = row * p.C + col;
+        off[u] = row * row_stride + col;
         n += row < r1 ? 1 : 0;
       }
       f(off, n);
@@ -205,21 +290,32 @@ __device__ __forceinline__ void for_each_batch(const Plan& p, F&& f) {
   }
 }
 
-// First channel of this thread's lanes (NCHW: the CTA's channel, every lane), and whether it has any.
-template <int V, bool CL>
-__device__ __forceinline__ int64_t lane_channel_base(const Plan& p, bool& active) {
-  if (CL) {
-    const int64_t cv = tile_x(p) * blockDim.x + threadIdx.x;
-    active = cv < p.vecs_per_row;
-    return cv * V;
-  }
-  active = true;
-  return tile_x(p);
-}
+// The channel of each of a thread's V lanes, and whether the thread has any (channels-last threads past the
+// last channel have none). Ops compute their per-lane coefficients from it once per thread.
+template <int V>
+struct Lanes {
+  int64_t c[V];
+  bool active;
+};
 
-template <bool CL>
-__device__ __forceinline__ int64_t lane_channel(int64_t base, int lane) {
-  return CL ? base + lane : base;
+template <int V, int W>
+__device__ __forceinline__ Lanes<V> lanes_of(const Plan& p) {
+  Lanes<V> l;
+  l.active = true;
+  if (W == kRows) {
+    const int64_t cv = tile_x(p) * blockDim.x + threadIdx.x;
+    l.active = cv < p.vecs_per_row;
+#pragma unroll
+    for (int i = 0; i < V; ++i) l.c[i] = cv * V + i;
+  } else if (W == kPlaneGroups) {
+    // Element x * V + i of the run of V planes lies in plane (x * V + i) / S of the group.
+#pragma unroll
+    for (int i = 0; i < V; ++i) l.c[i] = tile_x(p) * V + (static_cast<int64_t>(threadIdx.x) * V + i) / p.S;
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) l.c[i] = tile_x(p);
+  }
+  return l;
 }
 
 template <typename acc_t>
@@ -231,17 +327,16 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 
 // Per-channel sums of op's two values. With one split the CTA hands its totals to `fin(c, s1, s2)`;
 // otherwise it writes partial[split][c][2] for finalize_kernel.
-template <typename acc_t, int V, bool CL, typename Op, typename Fin>
+template <typename acc_t, int V, int W, typename Op, typename Fin>
 __global__ void __launch_bounds__(kThreads) channel_sums_kernel(Plan p, Op op, Fin fin, acc_t* __restrict__ partial) {
   __shared__ acc_t smem[kThreads * V * 2];
-  bool active;
-  const int64_t cbase = lane_channel_base<V, CL>(p, active);
-  const Coef<acc_t, V> k = op.template coef<V, CL>(cbase, active);
+  const Lanes<V> lanes = lanes_of<V, W>(p);
+  const Coef<acc_t, V> k = op.template coef<V>(lanes);
   acc_t s1[V], s2[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) s1[i] = s2[i] = acc_t(0);
   constexpr int B = batch_depth<typename Op::scalar_type, V>();
-  for_each_batch<V, B, CL>(p, [&](const int64_t* off, int n) { op.template accumulate<V, B>(off, n, k, s1, s2); });
+  for_each_batch<V, B, W>(p, [&](const int64_t* off, int n) { op.template accumulate<V, B>(off, n, k, s1, s2); });
 
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   auto emit = [&](int64_t c, acc_t a, acc_t b) {
@@ -253,7 +348,7 @@ __global__ void __launch_bounds__(kThreads) channel_sums_kernel(Plan p, Op op, F
       out[1] = b;
     }
   };
-  if (!CL) {
+  if (W == kPlanes) {
     // Every lane holds the CTA's channel: fold the lanes, then the block.
     acc_t a = 0, b = 0;
 #pragma unroll
@@ -277,7 +372,7 @@ __global__ void __launch_bounds__(kThreads) channel_sums_kernel(Plan p, Op op, F
       b = warp_sum(b);
       if (lane == 0) emit(tile_x(p), a, b);
     }
-  } else {
+  } else if (W == kRows) {
     // Lanes hold different channels: fold over threadIdx.y as a fixed tree (blockDim.y is a power of 2).
     const int width = blockDim.x * V;
     acc_t* mine = smem + (threadIdx.y * width + threadIdx.x * V) * 2;
@@ -294,9 +389,44 @@ __global__ void __launch_bounds__(kThreads) channel_sums_kernel(Plan p, Op op, F
         for (int i = 0; i < 2 * V; ++i) mine[i] += other[i];
       }
     }
-    if (threadIdx.y == 0 && active) {
+    if (threadIdx.y == 0 && lanes.active) {
 #pragma unroll
-      for (int i = 0; i < V; ++i) emit(cbase + i, mine[2 * i], mine[2 * i + 1]);
+      for (int i = 0; i < V; ++i) emit(lanes.c[i], mine[2 * i], mine[2 * i + 1]);
+    }
+  } else {
+    // Plane groups: fold the thread-rows in order (blockDim.y need not be a power of 2), which leaves the
+    // sums of element e = x * V + i of the run of V planes at smem[2 e]; then one warp per channel adds its
+    // S elements (strided lane sums and a fixed shuffle tree).
+    const int run = blockDim.x * V;  // V * S
+    acc_t* mine = smem + (threadIdx.y * run + threadIdx.x * V) * 2;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      mine[2 * i] = s1[i];
+      mine[2 * i + 1] = s2[i];
+    }
+    __syncthreads();
+    if (threadIdx.y == 0) {
+      for (int y = 1; y < blockDim.y; ++y) {
+        const acc_t* other = mine + y * run * 2;
+#pragma unroll
+        for (int i = 0; i < 2 * V; ++i) mine[i] += other[i];
+      }
+    }
+    __syncthreads();
+    const int S = blockDim.x;
+    const int warp = tid / 32, lane = tid % 32;
+    const int full_warps = (blockDim.x * blockDim.y) / 32;  // >= 4: a CTA has more than kThreads / 2 threads
+    if (warp < full_warps) {
+      for (int g = warp; g < V; g += full_warps) {
+        acc_t a = 0, b = 0;
+        for (int e = g * S + lane; e < (g + 1) * S; e += 32) {
+          a += smem[2 * e];
+          b += smem[2 * e + 1];
+        }
+        a = warp_sum(a);
+        b = warp_sum(b);
+        if (lane == 0) emit(tile_x(p) * V + g, a, b);
+      }
     }
   }
 }
@@ -320,13 +450,11 @@ __global__ void finalize_kernel(const acc_t* __restrict__ partial, int64_t split
   if (lane == 0) fin(c, a, b);
 }
 
-template <typename acc_t, int V, bool CL, typename Op>
+template <typename acc_t, int V, int W, typename Op>
 __global__ void __launch_bounds__(kThreads) channel_map_kernel(Plan p, Op op) {
-  bool active;
-  const int64_t cbase = lane_channel_base<V, CL>(p, active);
-  const Coef<acc_t, V> k = op.template coef<V, CL>(cbase, active);
+  const Coef<acc_t, V> k = op.template coef<V>(lanes_of<V, W>(p));
   constexpr int B = batch_depth<typename Op::scalar_type, V>();
-  for_each_batch<V, B, CL>(p, [&](const int64_t* off, int n) { op.template apply<V, B>(off, n, k); });
+  for_each_batch<V, B, W>(p, [&](const int64_t* off, int n) { op.template apply<V, B>(off, n, k); });
 }
 
 // Workspace for the partial sums of every split of every channel.
@@ -338,46 +466,49 @@ at::Tensor partial_workspace(const Plan& p, const at::Tensor& like) {
 
 // Runs the sums (and the finalize step when the channel is split across CTAs). `workspace` comes from
 // partial_workspace(p).
-template <typename acc_t, int V, bool CL, typename Op, typename Fin>
+template <typename acc_t, int V, int W, typename Op, typename Fin>
 void launch_sums(const Plan& p, const Op& op, const Fin& fin, const at::Tensor& workspace) {
-  auto stream = at::cuda::getCurrentCUDAStream();
   acc_t* partial = p.splits > 1 ? workspace.mutable_data_ptr<acc_t>() : nullptr;
   TORCH_INTERNAL_ASSERT(p.splits <= 1 || workspace.numel() >= p.splits * p.C * 2, "bnx: workspace too small");
-  channel_sums_kernel<acc_t, V, CL><<<p.grid(), p.block(), 0, stream>>>(p, op, fin, partial);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(&channel_sums_kernel<acc_t, V, W, Op, Fin>, p.grid(), p.block(), p, op, fin, partial);
   if (p.splits > 1) {
-    finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(p.C, kFinalizeWarps)), kFinalizeWarps * 32, 0, stream>>>(
-        partial, p.splits, p.C, fin);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(&finalize_kernel<acc_t, Fin>, dim3(static_cast<unsigned>(ceil_div(p.C, kFinalizeWarps))),
+                  dim3(kFinalizeWarps * 32), static_cast<const acc_t*>(partial), p.splits, p.C, fin);
   }
 }
 
-template <typename acc_t, int V, bool CL, typename Op>
+template <typename acc_t, int V, int W, typename Op>
 void launch_map(const Plan& p, const Op& op) {
-  channel_map_kernel<acc_t, V, CL><<<p.grid(), p.block(), 0, at::cuda::getCurrentCUDAStream()>>>(p, op);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(&channel_map_kernel<acc_t, V, W, Op>, p.grid(), p.block(), p, op);
 }
 
-// Calls f(std::integral_constant<int, V>, std::bool_constant<CL>) for the plan's vector width (16 bytes,
-// 8 bytes or one element) and layout.
-template <typename scalar_t, typename CL, typename F>
+// Calls f(std::integral_constant<int, V>, std::integral_constant<int, walk>) for the plan's vector width
+// (16 bytes, 8 bytes or one element) and walk.
+template <typename scalar_t, typename W, typename F>
 void dispatch_width(const Plan& p, F&& f) {
   constexpr int kVec16 = 16 / sizeof(scalar_t);
   constexpr int kVec8 = 8 / sizeof(scalar_t) > 1 ? 8 / sizeof(scalar_t) : 1;
   if (p.V == kVec16) {
-    f(std::integral_constant<int, kVec16>{}, CL{});
+    f(std::integral_constant<int, kVec16>{}, W{});
   } else if (kVec8 > 1 && p.V == kVec8) {
-    f(std::integral_constant<int, kVec8>{}, CL{});
+    f(std::integral_constant<int, kVec8>{}, W{});
   } else {
     TORCH_INTERNAL_ASSERT(p.V == 1, "bnx: unexpected vector width " + std::to_string(p.V));  // no streamed ints: see checks.cpp
-    f(std::integral_constant<int, 1>{}, CL{});
+    f(std::integral_constant<int, 1>{}, W{});
   }
 }
 
 template <typename scalar_t, typename F>
 void dispatch_plan(const Plan& p, F&& f) {
-  if (p.channels_last) dispatch_width<scalar_t, std::true_type>(p, f);
-  else dispatch_width<scalar_t, std::false_type>(p, f);
+  if (p.walk == kRows) {
+    dispatch_width<scalar_t, std::integral_constant<int, kRows>>(p, f);
+  } else if (p.walk == kPlaneGroups) {
+    constexpr int kVec16 = 16 / sizeof(scalar_t);
+    TORCH_INTERNAL_ASSERT(p.V == kVec16, "bnx: plane groups need 16-byte vectors, got width " + std::to_string(p.V));
+    f(std::integral_constant<int, kVec16>{}, std::integral_constant<int, kPlaneGroups>{});
+  } else {
+    dispatch_width<scalar_t, std::integral_constant<int, kPlanes>>(p, f);
+  }
 }
 
 // A per-channel tensor as acc_t data (converted only when it has another dtype).

@@ -12,15 +12,16 @@ template <typename scalar_t, typename acc_t>
 struct ShiftedMomentsOp {
   using scalar_type = scalar_t;
   const scalar_t* __restrict__ x;
-  int64_t S;  // plane size (NCHW); the first element of channel c is x[c * S] (NCHW) or x[c] (rows)
+  int64_t channel_stride;  // the first element of channel c is x[c * channel_stride]: S (NCHW) or 1 (rows)
 
-  template <int V, bool CL>
-  __device__ Coef<acc_t, V> coef(int64_t cbase, bool active) const {
+  template <int V>
+  __device__ Coef<acc_t, V> coef(const Lanes<V>& lanes) const {
+    const bool active = lanes.active;
     Coef<acc_t, V> k;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const int64_t c = lane_channel<CL>(cbase, i);
-      k.a[i] = active ? static_cast<acc_t>(x[CL ? c : c * S]) : acc_t(0);
+      const int64_t c = lanes.c[i];
+      k.a[i] = active ? static_cast<acc_t>(x[c * channel_stride]) : acc_t(0);
     }
     return k;
   }
@@ -91,12 +92,13 @@ struct AffineOp {
   bool scale_is_var;
   acc_t eps;
 
-  template <int V, bool CL>
-  __device__ Coef<acc_t, V> coef(int64_t cbase, bool active) const {
+  template <int V>
+  __device__ Coef<acc_t, V> coef(const Lanes<V>& lanes) const {
+    const bool active = lanes.active;
     Coef<acc_t, V> k;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const int64_t c = lane_channel<CL>(cbase, i);
+      const int64_t c = lanes.c[i];
       if (!active) {
         k.a[i] = k.b[i] = k.c[i] = acc_t(0);
         continue;

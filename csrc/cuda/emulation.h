@@ -1,0 +1,238 @@
+// A CPU stand-in for the part of the CUDA execution model the bnx kernels use, so that the CUDA ops
+// (csrc/cuda/*.cu compiled as C++ with BNX_CUDA_EMULATION) run on CPU tensors in tests on machines
+// without a GPU (tests/test_cuda_emulation.py). Not part of the bnx build.
+//
+// Every thread of a block is a fiber (ucontext) on the calling OS thread; blocks run one after another;
+// __syncthreads and the warp shuffles switch fibers until every live thread of the block (or warp) has
+// arrived. `__shared__` becomes `static`, which is shared memory for fibers of one block on one OS thread.
+// What it checks beyond the results: a barrier that not every thread reaches (deadlock), and a shuffle in a
+// warp that is not whole or not fully converged, both raise instead of hanging or reading garbage.
+// What it cannot check: timing, memory coalescing, races between threads that do not synchronize (fibers
+// switch only at barriers, so such a race reads one fixed order).
+#pragma once
+
+#include <ucontext.h>
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+template <typename T>
+inline T min(T a, T b) {
+  return b < a ? b : a;
+}
+template <typename T>
+inline T max(T a, T b) {
+  return a < b ? b : a;
+}
+using std::sqrt;
+
+namespace bnx {
+namespace cuda {
+namespace emulation {
+
+// The SM count the launch plans see: BNX_EMULATED_SMS, default 2 (small, so that small test tensors still
+// get channels split across several CTAs).
+inline int num_sms() {
+  const char* v = std::getenv("BNX_EMULATED_SMS");
+  const int n = v != nullptr ? std::atoi(v) : 2;
+  return n > 0 ? n : 2;
+}
+
+class Block {
+ public:
+  static Block*& current() {
+    static Block* block = nullptr;
+    return block;
+  }
+
+  Block(dim3 block, std::function<void()> body) : body_(std::move(body)) {
+    const int n = static_cast<int>(block.x * block.y * block.z);
+    TORCH_CHECK(n > 0 && n <= 1024, "cuda emulation: block of ", n, " threads");
+    fibers_.resize(n);
+    warps_.resize((n + 31) / 32);
+    for (int t = 0; t < n; ++t) {
+      Fiber& f = fibers_[t];
+      f.tid = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+      f.stack = stack_for(t);
+      warps_[t / 32].live++;
+    }
+    live_ = n;
+  }
+
+  // Runs every thread of the block to completion.
+  void run() {
+    Block*& cur = current();
+    cur = this;
+    for (size_t t = 0; t < fibers_.size(); ++t) {
+      Fiber& f = fibers_[t];
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = f.stack;
+      f.ctx.uc_stack.ss_size = kStack;
+      f.ctx.uc_link = &scheduler_;
+      makecontext(&f.ctx, &Block::entry, 0);
+    }
+    std::string error;
+    while (live_ > 0 && error.empty()) {
+      progress_ = false;
+      for (size_t t = 0; t < fibers_.size() && error.empty(); ++t) {
+        Fiber& f = fibers_[t];
+        if (f.done) continue;
+        running_ = static_cast<int>(t);
+        threadIdx = f.tid;
+        swapcontext(&scheduler_, &f.ctx);
+        error = error_;
+      }
+      if (error.empty() && live_ > 0 && !progress_)
+        error = "cuda emulation: deadlock: " + std::to_string(live_) + " threads wait at barriers that the others never reach";
+    }
+    cur = nullptr;
+    TORCH_CHECK(error.empty(), error);
+  }
+
+  // __syncthreads: wait until every live thread of the block has arrived.
+  void sync_block() { wait(block_barrier_, live_); }
+
+  template <typename T>
+  T shfl_xor(unsigned mask, T v, int lane_mask, int width) {
+    const int t = running_;
+    Warp& w = warps_[t / 32];
+    const int lane = t % 32;
+    if (mask != 0xffffffffu || width != 32 || w.live != 32) {
+      fail("cuda emulation: __shfl_xor_sync needs a whole, converged warp (mask " + std::to_string(mask) +
+           ", " + std::to_string(w.live) + " live threads)");
+    }
+    static_assert(sizeof(T) <= 8, "cuda emulation: shuffle of a type wider than 8 bytes");
+    std::memcpy(w.slots[lane], &v, sizeof(T));
+    wait(w.barrier, w.live);
+    T r;
+    std::memcpy(&r, w.slots[lane ^ (lane_mask & 31)], sizeof(T));
+    wait(w.barrier, w.live);
+    return r;
+  }
+
+ private:
+  static constexpr size_t kStack = 256 * 1024;
+  struct Fiber {
+    ucontext_t ctx;
+    dim3 tid;
+    bool done = false;
+    char* stack = nullptr;
+  };
+
+  // Thread t's stack, kept for the next blocks (a block runs its threads to completion before the next starts).
+  static char* stack_for(int t) {
+    static std::vector<std::unique_ptr<char[]>> pool;
+    while (static_cast<int>(pool.size()) <= t) pool.emplace_back(new char[kStack]);
+    return pool[t].get();
+  }
+  struct Barrier {
+    int arrived = 0;
+    uint64_t generation = 0;
+  };
+  struct Warp {
+    int live = 0;
+    Barrier barrier;
+    unsigned char slots[32][8];
+  };
+
+  static void entry() {
+    Block* b = current();
+    b->body_();
+    b->finish();
+  }
+
+  void yield() { swapcontext(&fibers_[running_].ctx, &scheduler_); }
+
+  void fail(const std::string& message) {
+    if (error_.empty()) error_ = message;
+    while (true) yield();  // the scheduler stops at the error; this fiber is never resumed
+  }
+
+  void wait(Barrier& b, int live) {
+    progress_ = true;
+    const uint64_t g = b.generation;
+    if (++b.arrived == live) {
+      b.arrived = 0;
+      ++b.generation;
+      return;
+    }
+    while (b.generation == g) yield();
+  }
+
+  // A thread that returns no longer counts at barriers; if the others were all waiting for it, they go on.
+  void finish() {
+    const int t = running_;
+    fibers_[t].done = true;
+    progress_ = true;
+    --live_;
+    Warp& w = warps_[t / 32];
+    --w.live;
+    if (block_barrier_.arrived > 0 && block_barrier_.arrived == live_) {
+      block_barrier_.arrived = 0;
+      ++block_barrier_.generation;
+    }
+    if (w.barrier.arrived > 0 && w.barrier.arrived == w.live) {
+      w.barrier.arrived = 0;
+      ++w.barrier.generation;
+    }
+    // uc_link returns to the scheduler.
+  }
+
+  std::function<void()> body_;
+  std::vector<Fiber> fibers_;
+  std::vector<Warp> warps_;
+  ucontext_t scheduler_;
+  Barrier block_barrier_;
+  int live_ = 0;
+  int running_ = 0;
+  bool progress_ = false;
+  std::string error_;
+};
+
+// Runs body as a kernel over grid x block, blocks in order (x fastest).
+inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  TORCH_CHECK(grid.y < 65536 && grid.z < 65536, "cuda emulation: grid.y / grid.z over 65535");
+  gridDim = grid;
+  blockDim = block;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = dim3(x, y, z);
+        Block b(block, body);
+        b.run();
+      }
+}
+
+}  // namespace emulation
+}  // namespace cuda
+}  // namespace bnx
+
+inline void __syncthreads() { bnx::cuda::emulation::Block::current()->sync_block(); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  return bnx::cuda::emulation::Block::current()->shfl_xor(mask, v, lane_mask, width);
+}

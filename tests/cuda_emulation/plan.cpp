@@ -1,0 +1,62 @@
+// Test-only ops of the CUDA emulation module (tests/test_cuda_emulation.py): the launch plan the CUDA ops
+// would use for an input, and self-checks of the emulated barriers and shuffles.
+#include <torch/library.h>
+
+#include "cuda/common.cuh"
+
+namespace bnx {
+namespace cuda {
+namespace {
+
+// [walk, V, grid_x, splits, tx, ty, rows_per_split] of the sums ("sums") or map ("map") plan that the ops
+// use for `input` (pointers: input alone).
+std::vector<int64_t> plan_of(const at::Tensor& input, c10::string_view kind) {
+  const Layout L = layout_of(input);
+  const Access a = choose_access(L, input.element_size(), {input.const_data_ptr()});
+  TORCH_CHECK(kind == "sums" || kind == "map", "plan: kind must be 'sums' or 'map', got '", kind, "'");
+  const Plan p = kind == "sums" ? sums_plan(L, a) : map_plan(L, a);
+  return {p.walk, p.V, p.grid_x, p.splits, p.tx, p.ty, p.rows_per_split};
+}
+
+template <typename T>
+__global__ void block_sum_kernel(T* out, int n_values) {
+  // Each thread adds its ids' values; warps reduce by shuffles, warp leaders meet in shared memory.
+  __shared__ T partial[32];
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int threads = blockDim.x * blockDim.y;
+  T v = 0;
+  for (int i = tid; i < n_values; i += threads) v += static_cast<T>(i + 1);
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  if (tid % 32 == 0) partial[tid / 32] = v;
+  __syncthreads();
+  if (tid == 0) {
+    T total = 0;
+    for (int w = 0; w < threads / 32; ++w) total += partial[w];
+    out[blockIdx.x] = total;
+  }
+}
+
+// Runs block_sum_kernel over `blocks` blocks of `threads` threads: every entry of the result should be
+// n_values * (n_values + 1) / 2. A block that is not a whole number of warps shuffles in a partial warp,
+// which the emulation refuses.
+at::Tensor emulated_block_sums(int64_t blocks, int64_t threads, int64_t n_values) {
+  at::Tensor out = at::full({blocks}, -1, at::kLong);
+  launch_kernel(&block_sum_kernel<int64_t>, dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(threads)),
+                out.mutable_data_ptr<int64_t>(), static_cast<int>(n_values));
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace bnx
+
+TORCH_LIBRARY_FRAGMENT(bnx_cuda_emulation, m) {
+  m.def("plan(Tensor input, str kind) -> int[]");
+  m.def("emulated_block_sums(int blocks, int threads, int n_values) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bnx_cuda_emulation, CPU, m) { m.impl("plan", &bnx::cuda::plan_of); }
+
+TORCH_LIBRARY_IMPL(bnx_cuda_emulation, CompositeExplicitAutograd, m) {
+  m.impl("emulated_block_sums", &bnx::cuda::emulated_block_sums);
+}

@@ -1,0 +1,253 @@
+"""The CUDA ops on CPU tensors, through an emulation of the CUDA thread model (csrc/cuda/emulation.h).
+
+The csrc/cuda/*.cu files are compiled as C++ with BNX_CUDA_EMULATION (every CUDA thread a fiber, blocks in
+turn, __syncthreads and warp shuffles switching fibers) into a test-only library, `bnx_cuda_emulation`,
+whose ops take CPU tensors. So on a machine without a GPU (CI) the CUDA kernels' walks, vector offsets,
+per-lane channels, block and split reductions and launch plans are still tested, against bnx's CPU ops
+(themselves tested against torch) and float64 references. Not tested here: speed, real memory alignment
+faults, races between unsynchronized threads; tests/test_cuda.py and the CUDA cases of the other tests
+run on a GPU.
+
+BNX_EMULATED_SMS sets the SM count the plans see (small by default, so small tensors still get channels
+split across CTAs and the finalize kernel); BNX_CUDA_PLANE_GROUPS=1 turns on the plane-groups walk.
+"""
+import functools
+import os
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+import bnx  # noqa: F401  (registers torch.ops.bnx, whose schemas the emulated library reuses)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPS = ["batch_norm_stats", "batch_norm_train_forward", "batch_norm_elemt", "batch_norm_inference",
+       "batch_norm_backward_reduce", "batch_norm_backward_elemt", "batch_norm_backward"]
+KPLANES, KROWS, KGROUPS = 0, 1, 2
+_LIBRARIES = []
+
+
+@functools.lru_cache(maxsize=None)
+def _emulated_ops():
+    lib = torch.library.Library("bnx_cuda_emulation", "DEF")
+    for name in OPS:
+        schema = str(getattr(torch.ops.bnx, name).default._schema)
+        lib.define(schema.split("::", 1)[1])
+    _LIBRARIES.append(lib)  # the definitions live as long as the Library object
+    sources = [os.path.join(ROOT, "tests", "cuda_emulation", f) for f in
+               ("batch_norm_stats.cpp", "batch_norm_elemt.cpp", "batch_norm_backward.cpp", "plan.cpp")]
+    build = os.path.join(ROOT, "build", "cuda_emulation")
+    os.makedirs(build, exist_ok=True)
+    cpp_extension.load(
+        name="bnx_cuda_emulation", sources=sources + [os.path.join(ROOT, "csrc", "checks.cpp")],
+        extra_cflags=["-DBNX_CUDA_EMULATION", "-O1", "-fno-strict-aliasing", "-Wno-unknown-pragmas"],
+        extra_include_paths=[os.path.join(ROOT, "csrc")], build_directory=build,
+        is_python_module=False, verbose=False)
+    return torch.ops.bnx_cuda_emulation
+
+
+@pytest.fixture
+def emu():
+    return _emulated_ops()
+
+
+@pytest.fixture
+def plane_groups(monkeypatch, request):
+    monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", "1" if request.param else "0")
+    return request.param
+
+
+def _tensor(shape, dtype, layout, scale=1.0, shift=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
+    if layout == "cl":
+        t = t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+    return t
+
+
+def _close(got, want, dtype, what):
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    assert got.stride() == want.stride(), f"{what}: strides {got.stride()} vs {want.stride()}"
+    tol = {torch.float64: 1e-12, torch.float32: 2e-5}.get(dtype, 1e-2)
+    scale = want.double().abs().max().clamp_min(1.0) if want.numel() else 1.0
+    torch.testing.assert_close(got.double() / scale, want.double() / scale, atol=tol, rtol=tol, msg=what)
+
+
+# --- the emulator itself --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("threads", [32, 96, 256, 1024])
+def test_emulated_barriers_and_shuffles(emu, threads):
+    """A block reduction by warp shuffles and shared memory across a __syncthreads gives the exact sum in
+    every block (the shuffles exchange the right lanes, the barrier waits for every warp)."""
+    out = emu.emulated_block_sums(3, threads, 1000)
+    assert out.tolist() == [500500] * 3
+
+
+def test_emulated_shuffle_in_partial_warp_raises(emu):
+    """A shuffle in a warp with missing lanes (a 100-thread block) is refused, not answered with garbage."""
+    with pytest.raises(RuntimeError, match="whole, converged warp"):
+        emu.emulated_block_sums(1, 100, 1000)
+
+
+# --- launch plans ---------------------------------------------------------------------------------------
+
+PLAN_CASES = [
+    # shape, dtype, layout, plane groups on, expected (walk, V)
+    ((4, 16, 7, 7), torch.bfloat16, "nchw", True, (KGROUPS, 8)),
+    ((4, 16, 7, 7), torch.bfloat16, "nchw", False, (KPLANES, 1)),
+    ((4, 16, 7, 7), torch.float32, "nchw", True, (KGROUPS, 4)),
+    ((4, 16, 7, 7), torch.float64, "nchw", True, (KGROUPS, 2)),
+    ((4, 16, 14, 14), torch.bfloat16, "nchw", True, (KGROUPS, 8)),   # 196 % 8 = 4: 8-byte vectors without
+    ((4, 16, 14, 14), torch.bfloat16, "nchw", False, (KPLANES, 4)),
+    ((4, 16, 14, 14), torch.float32, "nchw", True, (KPLANES, 4)),    # 16-byte vectors divide the plane
+    ((4, 12, 7, 7), torch.bfloat16, "nchw", True, (KPLANES, 1)),     # C not a multiple of 8
+    ((4, 16, 17, 17), torch.bfloat16, "nchw", True, (KPLANES, 1)),   # plane over 256 elements
+    ((4, 16, 7, 7), torch.bfloat16, "cl", True, (KROWS, 8)),
+    ((6, 16), torch.float32, "nchw", True, (KROWS, 4)),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,layout,groups,expected", PLAN_CASES,
+                         ids=[f"{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}-{c[2]}-{'groups' if c[3] else 'default'}"
+                              for c in PLAN_CASES])
+def test_plan_picks_the_walk(emu, monkeypatch, shape, dtype, layout, groups, expected):
+    """The ops' launch plan: plane groups (when enabled) exactly where NCHW planes get no 16-byte vector
+    and the group conditions hold (C a multiple of V, plane <= 256 elements); the CTA covers the group's
+    S vectors with kThreads // S batch entries at a time and one CTA per V channels."""
+    monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", "1" if groups else "0")
+    x = _tensor(shape, dtype, layout)
+    walk, V, grid_x, splits, tx, ty, rows_per_split = emu.plan(x, "sums")
+    assert (walk, V) == expected
+    if walk == KGROUPS:
+        S = x[0, 0].numel()
+        assert (tx, ty, grid_x) == (S, 256 // S, shape[1] // V)
+    assert splits * rows_per_split >= (shape[0] if walk != KROWS else x.numel() // shape[1])
+
+
+def test_plan_needs_aligned_pointers_for_plane_groups(emu, monkeypatch):
+    """A 16-byte vector walk over memory that is not 16-byte aligned would fault: an input starting one
+    element into its storage falls back to the scalar plane walk."""
+    monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", "1")
+    base = torch.randn(4 * 16 * 49 + 1, dtype=torch.float32)
+    x = base[1:].view(4, 16, 7, 7)
+    assert tuple(emu.plan(x, "sums")[:2]) == (KPLANES, 1)
+    assert tuple(emu.plan(base[:-1].view(4, 16, 7, 7), "sums")[:2]) == (KGROUPS, 4)
+
+
+@pytest.mark.parametrize("sms", ["1", "64"])
+def test_plan_split_count_follows_the_sm_count(emu, monkeypatch, sms):
+    """With many SMs the batch is split across CTAs (a finalize kernel adds the partial sums); with one SM
+    and few rows it is not, so both reduction endings are exercised by the op tests below."""
+    monkeypatch.setenv("BNX_EMULATED_SMS", sms)
+    monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", "1")
+    splits = emu.plan(_tensor((200, 32, 7, 7), torch.float32, "nchw"), "sums")[3]
+    assert (splits > 1) == (sms == "64")
+
+
+# --- the ops against bnx's CPU ops --------------------------------------------------------------------
+
+SHAPES = [
+    ((5, 16, 7, 7), "nchw"),      # plane groups (any dtype)
+    ((3, 8, 3, 3), "nchw"),       # S = 9: groups in bf16 (a vector spans two planes) and fp32/fp64
+    ((3, 16, 1, 5), "nchw"),      # S = 5 < V in bf16: a vector spans up to three planes
+    ((2, 16, 14, 14), "nchw"),    # groups in bf16 only (S = 196)
+    ((2, 8, 3, 3, 3), "nchw"),    # 5-D, S = 27
+    ((4, 6, 4, 4), "nchw"),       # 16-byte plane vectors
+    ((3, 5, 2, 3), "nchw"),       # narrow / scalar plane vectors
+    ((4, 24, 5, 5), "cl"),        # channels-last rows, 16-byte vectors
+    ((3, 7, 4, 4), "cl"),         # channels-last rows, scalar
+    ((6, 10), "nchw"),            # (N, C): rows
+    ((3, 8, 7), "nchw"),          # 3-D planes
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+def _run_all(ops, x, dy, w, b, rm, rv, nbt):
+    """Every op on the same inputs; returns {name: tensor} (running statistics after each update too)."""
+    out = {}
+    rm1, rv1 = rm.clone(), rv.clone()
+    out["stats.mean"], out["stats.invstd"] = ops.batch_norm_stats(x, rm1, rv1, None, 0.1, 1e-5)
+    out["stats.rm"], out["stats.rv"] = rm1, rv1
+    rm2, rv2 = rm.clone(), rv.clone()
+    out["fwd.y"], mean, invstd = ops.batch_norm_train_forward(x, w, b, rm2, rv2, nbt, 0.1, 1e-5)
+    out["fwd.mean"], out["fwd.invstd"], out["fwd.rm"], out["fwd.rv"] = mean, invstd, rm2, rv2
+    out["elemt"] = ops.batch_norm_elemt(x, w, b, mean, invstd)
+    out["inference"] = ops.batch_norm_inference(x, w, b, rm, rv, 1e-5)
+    sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(dy, x, mean, invstd)
+    out["reduce.sum_dy"], out["reduce.sum_dy_xmu"] = sum_dy, sum_dy_xmu
+    out["bwd_elemt"] = ops.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy, sum_dy_xmu,
+                                                     x.numel() // x.shape[1])
+    for formula in ("batch", "frozen"):
+        for mask in ([True, True, True], [True, False, False], [False, True, True]):
+            key = f"bwd.{formula}.{''.join('1' if m else '0' for m in mask)}"
+            for name, t in zip(("dx", "dw", "db"), ops.batch_norm_backward(dy, x, mean, invstd, w, formula, mask)):
+                out[f"{key}.{name}"] = t
+    return out
+
+
+def _inputs(shape, dtype, layout):
+    C = shape[1]
+    x = _tensor(shape, dtype, layout, scale=2.0, shift=3.0, seed=1)
+    dy = _tensor(shape, dtype, layout, seed=2)
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    w = _tensor((C,), pdt, "nchw", seed=3).abs() + 0.5
+    b = _tensor((C,), pdt, "nchw", seed=4)
+    rm, rv = _tensor((C,), pdt, "nchw", seed=5), _tensor((C,), pdt, "nchw", seed=6).abs() + 0.5
+    nbt = torch.tensor(3)
+    return x, dy, w, b, rm, rv, nbt
+
+
+@pytest.mark.parametrize("plane_groups", [True, False], ids=["groups", "default"], indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape,layout", SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
+def test_emulated_cuda_ops_match_cpu_ops(emu, plane_groups, dtype, shape, layout):
+    """Every CUDA op (statistics with the running-statistics update, training forward, normalize,
+    inference, gradient sums, batch grad_input, the fused backward with both formulas and several output
+    masks), emulated, gives bnx's CPU ops' results: same dtypes, shapes and strides, values within the
+    accumulation-order tolerance."""
+    if not plane_groups and layout == "cl":
+        pytest.skip("the switch only concerns NCHW planes")
+    args = _inputs(shape, dtype, layout)
+    got = _run_all(emu, *args)
+    want = _run_all(torch.ops.bnx, *args)
+    assert got.keys() == want.keys()
+    for key in want:
+        _close(got[key], want[key], dtype, key)
+
+
+@pytest.mark.parametrize("sms", ["1", "3", "200"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_emulated_ops_over_split_counts(emu, monkeypatch, sms, dtype):
+    """The same on a larger batch with the plan's SM count varied, so channels are summed by one CTA
+    (splits == 1: the CTA finishes them) or by many (partial sums and the finalize kernel)."""
+    monkeypatch.setenv("BNX_EMULATED_SMS", sms)
+    monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", "1")
+    for shape, layout in [((200, 8, 7, 7), "nchw"), ((64, 4, 32, 32), "nchw"), ((512, 16, 3, 3), "cl")]:
+        if sms == "200":  # many SMs: the batch is split, so the finalize kernel runs
+            assert emu.plan(_tensor(shape, dtype, layout), "sums")[3] > 1, shape
+        args = _inputs(shape, dtype, layout)
+        got = _run_all(emu, *args)
+        want = _run_all(torch.ops.bnx, *args)
+        for key in want:
+            _close(got[key], want[key], dtype, f"{shape} {layout} {key}")
+
+
+def test_emulated_training_forward_backward_against_float64(emu, monkeypatch):
+    """Independent of the CPU ops: the emulated plane-groups forward and backward of a bf16 (8,16,7,7)
+    batch against torch's float64 batch norm and its autograd gradients."""
+    monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", "1")
+    x, dy, w, b, rm, rv, _ = _inputs((8, 16, 7, 7), torch.bfloat16, "nchw")
+    assert tuple(emu.plan(x, "sums")[:2]) == (KGROUPS, 8)
+    rm_e, rv_e = rm.clone(), rv.clone()
+    y, mean, invstd = emu.batch_norm_train_forward(x, w, b, rm_e, rv_e, None, 0.1, 1e-5)
+    dx, dw, db = emu.batch_norm_backward(dy, x, mean, invstd, w, "batch", [True, True, True])
+    xd = x.double().requires_grad_()
+    wd, bd = w.double().requires_grad_(), b.double().requires_grad_()
+    rm_d, rv_d = rm.double(), rv.double()
+    yd = torch.nn.functional.batch_norm(xd, rm_d, rv_d, wd, bd, True, 0.1, 1e-5)
+    yd.backward(dy.double())
+    for got, want, name in [(y, yd, "y"), (dx, xd.grad, "dx"), (dw, wd.grad, "dw"), (db, bd.grad, "db"),
+                            (rm_e, rm_d, "running_mean"), (rv_e, rv_d, "running_var")]:
+        scale = want.detach().abs().max().clamp_min(1)
+        tol = 2e-2 if got.dtype == torch.bfloat16 else 1e-4
+        torch.testing.assert_close(got.double() / scale, want.detach() / scale, atol=tol, rtol=tol, msg=name)
