@@ -4,6 +4,7 @@
 #   tests  - every CUDA test case (pytest -k cuda), compile tests last, large (>2^31 elements) included
 #   cli    - python -m bnx explain / check on CUDA
 #   bench  - the benchmark; arguments after "--" go to it
+#   groups - A/B of the plane-groups walk (BNX_CUDA_PLANE_GROUPS=0, then 1) on the NCHW 7x7 and 14x14 shapes
 # Logs and results go to $OUT (./out when OUT is unset). Without a GPU it says so and does nothing.
 #   OUT=... bash scripts/gpu_check.sh build tests cli
 #   OUT=... bash scripts/gpu_check.sh bench -- --compile-budget 90
@@ -47,7 +48,7 @@ run_tests() {
   "$PY" -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-8}"
   # SIGINT on timeout: pytest still prints what ran.
   BNX_LARGE_TESTS=${BNX_LARGE_TESTS:-1} timeout -s INT -k 10 ${TEST_TIMEOUT:-170} "$PY" -m pytest tests -q -rfEs $workers \
-    -k "cuda and not compile" -p no:cacheprovider > "$OUT/tests.log" 2>&1
+    -k "cuda and not compile and not emulation" -p no:cacheprovider > "$OUT/tests.log" 2>&1
   echo "tests rc=$? in $(( $(date +%s) - start )) s" | tee -a "$OUT/tests.log"
   tail -n 15 "$OUT/tests.log"
   timeout -s INT -k 10 ${COMPILE_TEST_TIMEOUT:-120} "$PY" -m pytest tests -q -rfEs -k "cuda and compile" \
@@ -71,6 +72,15 @@ run_bench() {
   echo "bench rc=${PIPESTATUS[0]} in $(( $(date +%s) - start )) s"
 }
 
+run_groups() {
+  for g in 0 1; do
+    BNX_CUDA_PLANE_GROUPS=$g timeout -s INT -k 10 ${GROUPS_TIMEOUT:-150} "$PY" -m bnx bench --device cuda \
+      --shapes "rn50-7;rn50-14" --layout nchw --peers native --json "$OUT/groups-$g.json" --md "$OUT/groups-$g.md" \
+      2> "$OUT/groups-$g-progress.log" | tee "$OUT/groups-$g-summary.txt" | head -n 20
+    echo "groups=$g rc=${PIPESTATUS[0]}"
+  done
+}
+
 for s in "${stages[@]}"; do
   echo "== $s"
   case "$s" in
@@ -78,6 +88,7 @@ for s in "${stages[@]}"; do
     tests) run_tests ;;
     cli) run_cli ;;
     bench) run_bench "$@" ;;
+    groups) run_groups ;;
     *) echo "gpu_check: unknown stage $s"; exit 2 ;;
   esac
 done
