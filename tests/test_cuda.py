@@ -44,11 +44,14 @@ def test_runs_on_current_stream():
     assert_close(y_op, expected[0], 1e-5, 1e-5)
 
 
+@pytest.mark.parametrize("l2_groups", ["0", "1"], ids=["default", "l2_groups"])
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "num_batches_tracked"])
-def test_cuda_graph_capture(momentum):
+def test_cuda_graph_capture(momentum, l2_groups, monkeypatch):
     """Functional train forward (with running-stat update; momentum=None reads
     num_batches_tracked on the device) + backward ops captured in a CUDA graph; replay on new
-    data equals eager execution (no host synchronization inside)."""
+    data equals eager execution (no host synchronization inside). Also with BNX_CUDA_L2_GROUPS=1, whose
+    cooperative launches must be capturable too."""
+    monkeypatch.setenv("BNX_CUDA_L2_GROUPS", l2_groups)
     torch.manual_seed(54)
     shape, C = (8, 6, 16, 16), 6
     w, b = torch.rand(C, device=DEV) + 0.5, torch.randn(C, device=DEV)
@@ -162,16 +165,18 @@ def test_more_than_2_31_elements_bf16():
             assert err < 2 ** -6, (c, err)
 
 
-@pytest.mark.parametrize("plane_groups", ["0", "1"], ids=["default", "plane_groups"])
+@pytest.mark.parametrize("walks", ["00", "10", "01", "11"], ids=["default", "plane_groups", "l2_groups", "both"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(6, 5, 7, 9), (4, 7, 16, 16), (3, 4, 5, 6, 8), (9, 16, 7, 7), (5, 16, 14, 14),
-                                   (300, 32, 3, 3)])
-def test_fused_passes_match_reference(dtype, shape, plane_groups, monkeypatch):
+                                   (300, 32, 3, 3), (32, 48, 48, 48)])
+def test_fused_passes_match_reference(dtype, shape, walks, monkeypatch):
     """The fused training forward (statistics, running stats, normalize walking in reverse) and the fused
     backward (sums, then grad_input) on odd shapes (odd plane sizes take the narrow-vector paths, or with
     BNX_CUDA_PLANE_GROUPS=1 the plane-groups walk where C allows: 7x7, 3x3, 14x14 in bf16) give the
-    float64 reference's outputs, running stats and gradients, both formulas."""
-    monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", plane_groups)
+    float64 reference's outputs, running stats and gradients, both formulas; also as the L2-grouped
+    cooperative launch (BNX_CUDA_L2_GROUPS=1; in fp32 the (32,48,48,48) input spans two groups of a 50-60 MB L2)."""
+    monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", walks[0])
+    monkeypatch.setenv("BNX_CUDA_L2_GROUPS", walks[1])
     torch.manual_seed(7)
     C = shape[1]
     x = (torch.randn(shape, device=DEV) * 2 + 1).to(dtype)

@@ -51,9 +51,19 @@ def emu():
     return _emulated_ops()
 
 
+CONFIGS = {  # name: (BNX_CUDA_PLANE_GROUPS, BNX_CUDA_L2_GROUPS)
+    "default": ("0", "0"),
+    "plane_groups": ("1", "0"),
+    "l2_groups": ("0", "1"),
+    "both": ("1", "1"),
+}
+
+
 @pytest.fixture
-def plane_groups(monkeypatch, request):
-    monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", "1" if request.param else "0")
+def config(monkeypatch, request):
+    plane, l2 = CONFIGS[request.param]
+    monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", plane)
+    monkeypatch.setenv("BNX_CUDA_L2_GROUPS", l2)
     return request.param
 
 
@@ -144,6 +154,19 @@ def test_plan_split_count_follows_the_sm_count(emu, monkeypatch, sms):
     assert (splits > 1) == (sms == "64")
 
 
+@pytest.mark.parametrize("l2_kib,tiles_per_group", [(64, 1), (128, 2), (1024, 16)])
+def test_grouped_plan_sizes_groups_by_the_l2(emu, monkeypatch, l2_kib, tiles_per_group):
+    """The grouped launch cuts (16,16,16,16) fp32 NCHW (16 KiB per channel) into groups of channels whose
+    input takes at most a third of the L2, at least one channel a group; the grid has at most the resident
+    CTAs (2 SMs x 2) and no more than the group's tiles."""
+    monkeypatch.setenv("BNX_EMULATED_L2_BYTES", str(l2_kib * 1024))
+    x = _tensor((16, 16, 16, 16), torch.float32, "nchw")
+    walk, V, grid_x, splits, tx, ty, rows_per_split, per_group, count, ctas = emu.plan(x, "grouped")
+    assert (walk, grid_x) == (KPLANES, 16)
+    assert (per_group, count) == (tiles_per_group, 16 // tiles_per_group)
+    assert 1 <= ctas <= min(4, per_group * splits)
+
+
 # --- the ops against bnx's CPU ops --------------------------------------------------------------------
 
 SHAPES = [
@@ -197,16 +220,18 @@ def _inputs(shape, dtype, layout):
     return x, dy, w, b, rm, rv, nbt
 
 
-@pytest.mark.parametrize("plane_groups", [True, False], ids=["groups", "default"], indirect=True)
+@pytest.mark.parametrize("config", list(CONFIGS), indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("shape,layout", SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
-def test_emulated_cuda_ops_match_cpu_ops(emu, plane_groups, dtype, shape, layout):
+def test_emulated_cuda_ops_match_cpu_ops(emu, config, dtype, shape, layout):
     """Every CUDA op (statistics with the running-statistics update, training forward, normalize,
     inference, gradient sums, batch grad_input, the fused backward with both formulas and several output
     masks), emulated, gives bnx's CPU ops' results: same dtypes, shapes and strides, values within the
-    accumulation-order tolerance."""
-    if not plane_groups and layout == "cl":
-        pytest.skip("the switch only concerns NCHW planes")
+    accumulation-order tolerance. In every walk: the default ones, plane groups, and the L2-grouped
+    cooperative launch of the training forward and batch backward (a 64 KiB emulated L2, so these
+    tensors span several groups)."""
+    if config in ("plane_groups", "both") and layout == "cl":
+        pytest.skip("plane groups only concern NCHW planes")
     args = _inputs(shape, dtype, layout)
     got = _run_all(emu, *args)
     want = _run_all(torch.ops.bnx, *args)
@@ -215,16 +240,20 @@ def test_emulated_cuda_ops_match_cpu_ops(emu, plane_groups, dtype, shape, layout
         _close(got[key], want[key], dtype, key)
 
 
+@pytest.mark.parametrize("l2_groups", ["0", "1"], ids=["two_launches", "l2_groups"])
 @pytest.mark.parametrize("sms", ["1", "3", "200"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
-def test_emulated_ops_over_split_counts(emu, monkeypatch, sms, dtype):
+def test_emulated_ops_over_split_counts(emu, monkeypatch, sms, dtype, l2_groups):
     """The same on a larger batch with the plan's SM count varied, so channels are summed by one CTA
-    (splits == 1: the CTA finishes them) or by many (partial sums and the finalize kernel)."""
-    monkeypatch.setenv("BNX_EMULATED_SMS", sms)
+    (splits == 1: the CTA finishes them) or by many (partial sums and the finalize kernel, or the grouped
+    kernel's finalize step spread over the grid)."""
+    monkeypatch.setenv("BNX_EMULATED_SMS", sms if l2_groups == "0" else str(min(int(sms), 8)))
     monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", "1")
+    monkeypatch.setenv("BNX_CUDA_L2_GROUPS", l2_groups)
     for shape, layout in [((200, 8, 7, 7), "nchw"), ((64, 4, 32, 32), "nchw"), ((512, 16, 3, 3), "cl")]:
-        if sms == "200":  # many SMs: the batch is split, so the finalize kernel runs
-            assert emu.plan(_tensor(shape, dtype, layout), "sums")[3] > 1, shape
+        if sms == "200":  # many SMs: the batch is split, so the finalize step runs
+            plan = emu.plan(_tensor(shape, dtype, layout), "grouped" if l2_groups == "1" else "sums")
+            assert plan[3] > 1, shape
         args = _inputs(shape, dtype, layout)
         got = _run_all(emu, *args)
         want = _run_all(torch.ops.bnx, *args)

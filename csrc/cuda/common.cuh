@@ -17,6 +17,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cooperative_groups.h>
 #define BNX_CUDA_LIBRARY bnx
 #define BNX_CUDA_KEY CUDA
 #endif
@@ -24,6 +25,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <tuple>
+#include <type_traits>
 
 #include "../common.h"
 
@@ -48,6 +51,23 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, const Args&
 #else
   kernel<<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
+// A cooperative launch (all CTAs resident at once, so that grid_sync() may be called) on the current stream.
+template <typename... Params, typename... Args>
+void launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, const Args&... args) {
+#ifdef BNX_CUDA_EMULATION
+  emulation::launch_cooperative(grid, block, [&] { kernel(args...); });
+#else
+  std::tuple<std::decay_t<Params>...> params(args...);
+  std::apply(
+      [&](auto&... p) {
+        void* ptrs[] = {static_cast<void*>(&p)...};
+        C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block, ptrs, 0,
+                                                   at::cuda::getCurrentCUDAStream()));
+      },
+      params);
 #endif
 }
 
@@ -110,7 +130,7 @@ struct Plan {
   int tx = 1, ty = 1;
   int V = 1;
   int walk = kPlanes;
-  bool reverse = false;  // walk the tiles last to first (see tile_x)
+  bool reverse = false;  // walk the tiles last to first (see block_tile)
   dim3 grid() const { return dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(splits)); }
   dim3 block() const { return dim3(tx, ty); }
 };
@@ -166,6 +186,17 @@ inline int num_sms() {
 #endif
 }
 
+// Splits the rows into about `wanted` ranges (tiles per tile column), fewer where a thread would get less
+// than min_vecs_per_thread vectors or a thread-row no row.
+inline void split_rows(Plan& p, int64_t wanted, int min_vecs_per_thread) {
+  const int64_t vecs_per_thread_row = p.walk == kPlanes ? ceil_div(p.vecs_per_row, p.tx) : 1;
+  const int64_t max_by_work = std::max<int64_t>(1, p.rows * vecs_per_thread_row / (int64_t(min_vecs_per_thread) * p.ty));
+  int64_t splits = std::min({std::max<int64_t>(wanted, 1), max_by_work, ceil_div(p.rows, p.ty), int64_t(4096)});
+  splits = std::max<int64_t>(splits, 1);
+  p.rows_per_split = ceil_div(p.rows, splits);
+  p.splits = ceil_div(p.rows, p.rows_per_split);
+}
+
 // ctas_per_sm: how many 256-thread CTAs per SM the launch aims for (one full wave at 8); min_vecs_per_thread:
 // the least work a thread should get (sums kernels end with a block reduction, so they want fatter CTAs).
 inline Plan make_plan(const Layout& L, Access a, int ctas_per_sm, int min_vecs_per_thread) {
@@ -193,21 +224,13 @@ inline Plan make_plan(const Layout& L, Access a, int ctas_per_sm, int min_vecs_p
     p.grid_x = L.C;
   }
   p.ty = kThreads / p.tx;
-  const int64_t target = static_cast<int64_t>(num_sms()) * ctas_per_sm;
-  // Each thread should get at least min_vecs_per_thread vectors, and each thread-row at least one row.
-  const int64_t vecs_per_thread_row = a.walk == kPlanes ? ceil_div(p.vecs_per_row, p.tx) : 1;
-  const int64_t max_by_work = std::max<int64_t>(1, p.rows * vecs_per_thread_row / (int64_t(min_vecs_per_thread) * p.ty));
-  int64_t splits = std::max<int64_t>(1, ceil_div(target, p.grid_x));
-  splits = std::min({splits, max_by_work, ceil_div(p.rows, p.ty), int64_t(4096)});
-  splits = std::max<int64_t>(splits, 1);
-  p.rows_per_split = ceil_div(p.rows, splits);
-  p.splits = ceil_div(p.rows, p.rows_per_split);
+  split_rows(p, ceil_div(static_cast<int64_t>(num_sms()) * ctas_per_sm, p.grid_x), min_vecs_per_thread);
   return p;
 }
 
 // Plans of the two kernel shapes. A sums kernel ends with a block reduction and a partial-sum write, so
 // it wants fewer, fatter CTAs; a map kernel has no epilogue and just wants the machine full. A map pass
-// that follows a sums pass over the same data walks in reverse (see tile_x).
+// that follows a sums pass over the same data walks in reverse (see block_tile).
 inline Plan sums_plan(const Layout& L, Access a) { return make_plan(L, a, 8, 16); }
 inline Plan map_plan(const Layout& L, Access a, bool reverse = false) {
   Plan p = make_plan(L, a, 16, 4);
@@ -224,19 +247,22 @@ constexpr int batch_depth() {
   return depth < 4 ? 4 : (depth > 16 ? 16 : depth);
 }
 
-// The CTA's tile: a sums kernel walks the tensor from its start, the map pass that follows walks it
-// from its end (reverse), so the map pass first reads what the sums pass left in L2.
-__device__ __forceinline__ int64_t tile_x(const Plan& p) {
-  return p.reverse ? p.grid_x - 1 - blockIdx.x : blockIdx.x;
-}
-__device__ __forceinline__ int64_t tile_y(const Plan& p) {
-  return p.reverse ? p.splits - 1 - blockIdx.y : blockIdx.y;
+// A tile of a plan: x, the channel (NCHW planes), the group of V channels (plane groups) or the block of
+// blockDim.x vectors of channels (rows); y, the split (range of rows).
+struct Tile {
+  int64_t x, y;
+};
+
+// The CTA's tile in a plain launch: a sums kernel walks the tensor from its start, the map pass that follows
+// walks it from its end (reverse), so the map pass first reads what the sums pass left in L2.
+__device__ __forceinline__ Tile block_tile(const Plan& p) {
+  return p.reverse ? Tile{p.grid_x - 1 - blockIdx.x, p.splits - 1 - blockIdx.y} : Tile{blockIdx.x, blockIdx.y};
 }
 
 // Calls f(offsets, n) with up to B element offsets of vectors this thread owns (n of them valid).
 template <int V, int B, int W, typename F>
-__device__ __forceinline__ void for_each_batch(const Plan& p, F&& f) {
-  const int64_t r0 = tile_y(p) * p.rows_per_split;
+__device__ __forceinline__ void for_each_batch(const Plan& p, Tile t, F&& f) {
+  const int64_t r0 = t.y * p.rows_per_split;
   const int64_t r1 = ::min(p.rows, r0 + p.rows_per_split);
   int64_t off[B];
   if (W != kPlanes) {
@@ -244,12 +270,12 @@ __device__ __forceinline__ void for_each_batch(const Plan& p, F&& f) {
     // batch entry's run of V planes.
     int64_t col, row_stride;
     if (W == kRows) {
-      const int64_t cv = tile_x(p) * blockDim.x + threadIdx.x;
+      const int64_t cv = t.x * blockDim.x + threadIdx.x;
       if (cv >= p.vecs_per_row) return;
       col = cv * V;
       row_stride = p.C;
     } else {
-      col = tile_x(p) * V * p.S + static_cast<int64_t>(threadIdx.x) * V;
+      col = t.x * V * p.S + static_cast<int64_t>(threadIdx.x) * V;
       row_stride = p.C * p.S;
     }
     for (int64_t r = r0 + threadIdx.y; r < r1; r += static_cast<int64_t>(blockDim.y) * B) {
@@ -265,7 +291,7 @@ __device__ __forceinline__ void for_each_batch(const Plan& p, F&& f) {
   } else {
     // The thread's vectors are (row, sv) with sv = tx, tx + TX, ... < vecs_per_row in rows r0 + ty, +TY, ...
     if (threadIdx.x >= p.vecs_per_row) return;
-    const int64_t c = tile_x(p);
+    const int64_t c = t.x;
     const int64_t row_step = static_cast<int64_t>(blockDim.y) * p.C * p.S;
     int64_t row = r0 + threadIdx.y;
     int64_t base = (row * p.C + c) * p.S;
@@ -299,21 +325,21 @@ struct Lanes {
 };
 
 template <int V, int W>
-__device__ __forceinline__ Lanes<V> lanes_of(const Plan& p) {
+__device__ __forceinline__ Lanes<V> lanes_of(const Plan& p, Tile t) {
   Lanes<V> l;
   l.active = true;
   if (W == kRows) {
-    const int64_t cv = tile_x(p) * blockDim.x + threadIdx.x;
+    const int64_t cv = t.x * blockDim.x + threadIdx.x;
     l.active = cv < p.vecs_per_row;
 #pragma unroll
     for (int i = 0; i < V; ++i) l.c[i] = cv * V + i;
   } else if (W == kPlaneGroups) {
     // Element x * V + i of the run of V planes lies in plane (x * V + i) / S of the group.
 #pragma unroll
-    for (int i = 0; i < V; ++i) l.c[i] = tile_x(p) * V + (static_cast<int64_t>(threadIdx.x) * V + i) / p.S;
+    for (int i = 0; i < V; ++i) l.c[i] = t.x * V + (static_cast<int64_t>(threadIdx.x) * V + i) / p.S;
   } else {
 #pragma unroll
-    for (int i = 0; i < V; ++i) l.c[i] = tile_x(p);
+    for (int i = 0; i < V; ++i) l.c[i] = t.x;
   }
   return l;
 }
@@ -325,25 +351,25 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
-// Per-channel sums of op's two values. With one split the CTA hands its totals to `fin(c, s1, s2)`;
-// otherwise it writes partial[split][c][2] for finalize_kernel.
+// Per-channel sums of op's two values over tile t. With one split the CTA hands its totals to
+// `fin(c, s1, s2)`; otherwise it writes partial[split][c][2] for the finalize step.
 template <typename acc_t, int V, int W, typename Op, typename Fin>
-__global__ void __launch_bounds__(kThreads) channel_sums_kernel(Plan p, Op op, Fin fin, acc_t* __restrict__ partial) {
+__device__ void sum_tile(const Plan& p, Tile t, const Op& op, const Fin& fin, acc_t* __restrict__ partial) {
   __shared__ acc_t smem[kThreads * V * 2];
-  const Lanes<V> lanes = lanes_of<V, W>(p);
+  const Lanes<V> lanes = lanes_of<V, W>(p, t);
   const Coef<acc_t, V> k = op.template coef<V>(lanes);
   acc_t s1[V], s2[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) s1[i] = s2[i] = acc_t(0);
   constexpr int B = batch_depth<typename Op::scalar_type, V>();
-  for_each_batch<V, B, W>(p, [&](const int64_t* off, int n) { op.template accumulate<V, B>(off, n, k, s1, s2); });
+  for_each_batch<V, B, W>(p, t, [&](const int64_t* off, int n) { op.template accumulate<V, B>(off, n, k, s1, s2); });
 
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   auto emit = [&](int64_t c, acc_t a, acc_t b) {
     if (p.splits == 1) {
       fin(c, a, b);
     } else {
-      acc_t* out = partial + (tile_y(p) * p.C + c) * 2;
+      acc_t* out = partial + (t.y * p.C + c) * 2;
       out[0] = a;
       out[1] = b;
     }
@@ -370,7 +396,7 @@ __global__ void __launch_bounds__(kThreads) channel_sums_kernel(Plan p, Op op, F
       b = lane < kWarps ? smem[lane * 2 + 1] : acc_t(0);
       a = warp_sum(a);
       b = warp_sum(b);
-      if (lane == 0) emit(tile_x(p), a, b);
+      if (lane == 0) emit(t.x, a, b);
     }
   } else if (W == kRows) {
     // Lanes hold different channels: fold over threadIdx.y as a fixed tree (blockDim.y is a power of 2).
@@ -425,21 +451,17 @@ __global__ void __launch_bounds__(kThreads) channel_sums_kernel(Plan p, Op op, F
         }
         a = warp_sum(a);
         b = warp_sum(b);
-        if (lane == 0) emit(tile_x(p) * V + g, a, b);
+        if (lane == 0) emit(t.x * V + g, a, b);
       }
     }
   }
 }
 
-// Adds the splits' partial sums of each channel (one warp per channel: strided lane sums, then a fixed
-// shuffle tree, so the order never changes) and hands them to fin.
-constexpr int kFinalizeWarps = 4;
-
+// Adds the splits' partial sums of channel c in one warp (strided lane sums, then a fixed shuffle tree, so
+// the order never changes) and hands them to fin.
 template <typename acc_t, typename Fin>
-__global__ void finalize_kernel(const acc_t* __restrict__ partial, int64_t splits, int64_t C, Fin fin) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (c >= C) return;  // whole warps leave together: c is uniform in a warp
+__device__ __forceinline__ void finalize_channel(const acc_t* __restrict__ partial, int64_t splits, int64_t C,
+                                                 int64_t c, int lane, const Fin& fin) {
   acc_t a = 0, b = 0;
   for (int64_t s = lane; s < splits; s += 32) {
     a += partial[(s * C + c) * 2];
@@ -450,11 +472,93 @@ __global__ void finalize_kernel(const acc_t* __restrict__ partial, int64_t split
   if (lane == 0) fin(c, a, b);
 }
 
+constexpr int kFinalizeWarps = 4;
+
+// One warp per channel.
+template <typename acc_t, typename Fin>
+__global__ void finalize_kernel(const acc_t* __restrict__ partial, int64_t splits, int64_t C, Fin fin) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeWarps + threadIdx.x / 32;
+  if (c >= C) return;  // whole warps leave together: c is uniform in a warp
+  finalize_channel(partial, splits, C, c, threadIdx.x % 32, fin);
+}
+
+template <typename acc_t, int V, int W, typename Op, typename Fin>
+__global__ void __launch_bounds__(kThreads) channel_sums_kernel(Plan p, Op op, Fin fin, acc_t* __restrict__ partial) {
+  sum_tile<acc_t, V, W>(p, block_tile(p), op, fin, partial);
+}
+
+template <typename acc_t, int V, int W, typename Op>
+__device__ __forceinline__ void map_tile(const Plan& p, Tile t, const Op& op) {
+  const Coef<acc_t, V> k = op.template coef<V>(lanes_of<V, W>(p, t));
+  constexpr int B = batch_depth<typename Op::scalar_type, V>();
+  for_each_batch<V, B, W>(p, t, [&](const int64_t* off, int n) { op.template apply<V, B>(off, n, k); });
+}
+
 template <typename acc_t, int V, int W, typename Op>
 __global__ void __launch_bounds__(kThreads) channel_map_kernel(Plan p, Op op) {
-  const Coef<acc_t, V> k = op.template coef<V>(lanes_of<V, W>(p));
-  constexpr int B = batch_depth<typename Op::scalar_type, V>();
-  for_each_batch<V, B, W>(p, [&](const int64_t* off, int n) { op.template apply<V, B>(off, n, k); });
+  map_tile<acc_t, V, W>(p, block_tile(p), op);
+}
+
+// A sums pass and the map pass that needs its results, in one cooperative launch that walks the tiles in
+// groups of `tiles_per_group` tile columns sized so that a group's inputs stay in L2: per group, the sums
+// of its tiles (spread over the grid), a grid-wide barrier, the finalize step of its channels (one warp per
+// channel across the grid), another barrier, then the map over the same tiles, each CTA re-reading what it
+// summed, from L2 rather than DRAM. Opt-in (BNX_CUDA_L2_GROUPS=1) until it has been measured on a GPU.
+struct Groups {
+  int64_t tiles_per_group = 1;
+  int64_t count = 1;
+};
+
+__device__ __forceinline__ void grid_sync() {
+#ifdef BNX_CUDA_EMULATION
+  emulation::Block::current()->sync_grid();
+#else
+  cooperative_groups::this_grid().sync();
+#endif
+}
+
+// The channels [c0, c1) of tile columns [x0, x1).
+__device__ __forceinline__ void tile_channels(const Plan& p, int64_t x0, int64_t x1, int64_t& c0, int64_t& c1) {
+  if (p.walk == kRows) {
+    const int64_t width = static_cast<int64_t>(p.tx) * p.V;
+    c0 = x0 * width;
+    c1 = ::min(p.C, x1 * width);
+  } else if (p.walk == kPlaneGroups) {
+    c0 = x0 * p.V;
+    c1 = x1 * p.V;
+  } else {
+    c0 = x0;
+    c1 = x1;
+  }
+}
+
+template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
+__global__ void __launch_bounds__(kThreads) grouped_sums_map_kernel(Plan p, Groups groups, SumOp sop, Fin fin, MapOp mop,
+                                                                    acc_t* __restrict__ partial) {
+  const int64_t ctas = gridDim.x;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
+  const int warps = (blockDim.x * blockDim.y) / 32;  // whole warps: a plane-groups CTA may end in a partial one
+  for (int64_t g = 0; g < groups.count; ++g) {
+    const int64_t x0 = g * groups.tiles_per_group;
+    const int64_t nx = ::min(groups.tiles_per_group, p.grid_x - x0);
+    const int64_t tiles = nx * p.splits;
+    for (int64_t i = blockIdx.x; i < tiles; i += ctas) {
+      sum_tile<acc_t, V, W>(p, Tile{x0 + i % nx, i / nx}, sop, fin, partial);
+      __syncthreads();  // the next tile's reduction reuses the shared memory
+    }
+    grid_sync();
+    if (p.splits > 1) {
+      int64_t c0, c1;
+      tile_channels(p, x0, x0 + nx, c0, c1);
+      if (warp < warps) {
+        for (int64_t c = c0 + static_cast<int64_t>(blockIdx.x) * warps + warp; c < c1; c += ctas * warps)
+          finalize_channel(partial, p.splits, p.C, c, lane, fin);
+      }
+      grid_sync();
+    }
+    for (int64_t i = blockIdx.x; i < tiles; i += ctas) map_tile<acc_t, V, W>(p, Tile{x0 + i % nx, i / nx}, mop);
+  }
 }
 
 // Workspace for the partial sums of every split of every channel.
@@ -480,6 +584,70 @@ void launch_sums(const Plan& p, const Op& op, const Fin& fin, const at::Tensor& 
 template <typename acc_t, int V, int W, typename Op>
 void launch_map(const Plan& p, const Op& op) {
   launch_kernel(&channel_map_kernel<acc_t, V, W, Op>, p.grid(), p.block(), p, op);
+}
+
+inline bool l2_groups_enabled() {
+  const char* v = std::getenv("BNX_CUDA_L2_GROUPS");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
+}
+
+inline int64_t l2_bytes() {
+#ifdef BNX_CUDA_EMULATION
+  return emulation::l2_bytes();
+#else
+  return at::cuda::getCurrentDeviceProperties()->l2CacheSize;
+#endif
+}
+
+// How many CTAs of `kernel` can be resident at once (a cooperative launch may not use more).
+template <typename K>
+int64_t resident_ctas(K kernel, int threads) {
+#ifdef BNX_CUDA_EMULATION
+  (void)kernel;
+  (void)threads;
+  return static_cast<int64_t>(emulation::blocks_per_sm()) * num_sms();
+#else
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  return static_cast<int64_t>(per_sm) * num_sms();
+#endif
+}
+
+// The grouped launch's plan for `ctas_max` resident CTAs: groups of tile columns whose inputs
+// (`input_bytes_per_element` per element: x alone, or x and dy) take at most a third of the L2, and rows
+// split so that a group has about ctas_max tiles. Returns the plan; `groups` and `ctas` are set.
+inline Plan grouped_plan(Plan p, const Layout& L, int64_t input_bytes_per_element, int64_t ctas_max, Groups& groups,
+                         int64_t& ctas) {
+  const int64_t column_elements = p.walk == kRows ? L.rows * p.tx * p.V
+                                  : p.walk == kPlaneGroups ? L.N * L.inner * p.V
+                                                           : L.N * L.inner;
+  const int64_t column_bytes = std::max<int64_t>(1, column_elements * input_bytes_per_element);
+  groups.tiles_per_group = std::min<int64_t>(std::max<int64_t>(1, l2_bytes() / 3 / column_bytes), p.grid_x);
+  groups.count = ceil_div(p.grid_x, groups.tiles_per_group);
+  p.reverse = false;
+  split_rows(p, ceil_div(std::max<int64_t>(ctas_max, 1), groups.tiles_per_group), 16);
+  ctas = std::min(ctas_max, groups.tiles_per_group * p.splits);
+  return p;
+}
+
+// Runs the sums pass (sop, fin) and then the map pass (mop) over `p`'s tiles as one grouped cooperative
+// launch (see grouped_sums_map_kernel and grouped_plan). Falls back to launch_sums and launch_map when the
+// kernel cannot be resident.
+template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
+void launch_grouped(const Plan& sums, const Layout& L, int64_t input_bytes_per_element, const SumOp& sop,
+                    const Fin& fin, const MapOp& mop, const at::Tensor& like) {
+  auto kernel = &grouped_sums_map_kernel<acc_t, V, W, SumOp, Fin, MapOp>;
+  Groups groups;
+  int64_t ctas = 0;
+  const Plan p = grouped_plan(sums, L, input_bytes_per_element, resident_ctas(kernel, sums.tx * sums.ty), groups, ctas);
+  const at::Tensor workspace = partial_workspace<acc_t>(p, like);
+  if (ctas < 1) {
+    launch_sums<acc_t, V, W>(p, sop, fin, workspace);
+    launch_map<acc_t, V, W>(p, mop);
+    return;
+  }
+  acc_t* partial = p.splits > 1 ? workspace.mutable_data_ptr<acc_t>() : nullptr;
+  launch_cooperative(kernel, dim3(static_cast<unsigned>(ctas)), p.block(), p, groups, sop, fin, mop, partial);
 }
 
 // Calls f(std::integral_constant<int, V>, std::integral_constant<int, walk>) for the plan's vector width

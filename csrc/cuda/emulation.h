@@ -2,9 +2,11 @@
 // (csrc/cuda/*.cu compiled as C++ with BNX_CUDA_EMULATION) run on CPU tensors in tests on machines
 // without a GPU (tests/test_cuda_emulation.py). Not part of the bnx build.
 //
-// Every thread of a block is a fiber (ucontext) on the calling OS thread; blocks run one after another;
-// __syncthreads and the warp shuffles switch fibers until every live thread of the block (or warp) has
-// arrived. `__shared__` becomes `static`, which is shared memory for fibers of one block on one OS thread.
+// Every thread of a block is a fiber (ucontext) on one OS thread; __syncthreads and the warp shuffles switch
+// fibers until every live thread of the block (or warp) has arrived. Blocks of a plain launch run one after
+// another on the calling thread; those of a cooperative launch each get an OS thread, all at once, and
+// grid_sync() waits for every block. `__shared__` becomes `static thread_local`: one copy per OS thread,
+// that is per running block.
 // What it checks beyond the results: a barrier that not every thread reaches (deadlock), and a shuffle in a
 // warp that is not whole or not fully converged, both raise instead of hanging or reading garbage.
 // What it cannot check: timing, memory coalescing, races between threads that do not synchronize (fibers
@@ -15,8 +17,13 @@
 
 #include <c10/util/Exception.h>
 
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
+#include <exception>
+#include <mutex>
+#include <thread>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -29,14 +36,14 @@ struct dim3 {
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
-inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#define __shared__ static thread_local
 
 template <typename T>
 inline T min(T a, T b) {
@@ -54,20 +61,58 @@ namespace emulation {
 
 // The SM count the launch plans see: BNX_EMULATED_SMS, default 2 (small, so that small test tensors still
 // get channels split across several CTAs).
-inline int num_sms() {
-  const char* v = std::getenv("BNX_EMULATED_SMS");
-  const int n = v != nullptr ? std::atoi(v) : 2;
-  return n > 0 ? n : 2;
+inline int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  const int n = v != nullptr ? std::atoi(v) : fallback;
+  return n > 0 ? n : fallback;
 }
+inline int num_sms() { return env_int("BNX_EMULATED_SMS", 2); }
+// Co-resident blocks per SM a cooperative launch may use (BNX_EMULATED_BLOCKS_PER_SM, default 2).
+inline int blocks_per_sm() { return env_int("BNX_EMULATED_BLOCKS_PER_SM", 2); }
+// The L2 size the plans see (BNX_EMULATED_L2_BYTES, default 64 KiB: test tensors span several groups).
+inline int64_t l2_bytes() { return env_int("BNX_EMULATED_L2_BYTES", 64 * 1024); }
+
+// The barrier of a cooperative launch, across OS threads; a block that returns stops counting.
+class GridBarrier {
+ public:
+  explicit GridBarrier(int blocks) : live_(blocks) {}
+  // False when the other blocks did not all arrive within two minutes.
+  bool arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const uint64_t g = generation_;
+    if (++arrived_ == live_) {
+      release();
+      return true;
+    }
+    return cv_.wait_for(lock, std::chrono::seconds(120), [&] { return generation_ != g; });
+  }
+  void drop() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    --live_;
+    if (arrived_ > 0 && arrived_ == live_) release();
+  }
+
+ private:
+  void release() {
+    arrived_ = 0;
+    ++generation_;
+    cv_.notify_all();
+  }
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  int live_;
+  int arrived_ = 0;
+  uint64_t generation_ = 0;
+};
 
 class Block {
  public:
   static Block*& current() {
-    static Block* block = nullptr;
+    static thread_local Block* block = nullptr;
     return block;
   }
 
-  Block(dim3 block, std::function<void()> body) : body_(std::move(body)) {
+  Block(dim3 block, std::function<void()> body, GridBarrier* grid = nullptr) : body_(std::move(body)), grid_(grid) {
     const int n = static_cast<int>(block.x * block.y * block.z);
     TORCH_CHECK(n > 0 && n <= 1024, "cuda emulation: block of ", n, " threads");
     fibers_.resize(n);
@@ -114,6 +159,23 @@ class Block {
   // __syncthreads: wait until every live thread of the block has arrived.
   void sync_block() { wait(block_barrier_, live_); }
 
+  // A grid-wide barrier (cooperative launches): the block's last thread to arrive waits for the other
+  // blocks, then releases the block's threads.
+  void sync_grid() {
+    if (grid_ == nullptr) fail("cuda emulation: grid_sync outside a cooperative launch");
+    progress_ = true;
+    const uint64_t g = block_barrier_.generation;
+    if (++block_barrier_.arrived == live_) {
+      if (!grid_->arrive_and_wait()) fail("cuda emulation: grid_sync waited 120 s: a block never reached it");
+      block_barrier_.arrived = 0;
+      ++block_barrier_.generation;
+      return;
+    }
+    grid_waiting_ = true;
+    while (block_barrier_.generation == g) yield();
+    grid_waiting_ = false;
+  }
+
   template <typename T>
   T shfl_xor(unsigned mask, T v, int lane_mask, int width) {
     const int t = running_;
@@ -143,7 +205,7 @@ class Block {
 
   // Thread t's stack, kept for the next blocks (a block runs its threads to completion before the next starts).
   static char* stack_for(int t) {
-    static std::vector<std::unique_ptr<char[]>> pool;
+    static thread_local std::vector<std::unique_ptr<char[]>> pool;
     while (static_cast<int>(pool.size()) <= t) pool.emplace_back(new char[kStack]);
     return pool[t].get();
   }
@@ -190,6 +252,7 @@ class Block {
     Warp& w = warps_[t / 32];
     --w.live;
     if (block_barrier_.arrived > 0 && block_barrier_.arrived == live_) {
+      if (grid_waiting_ && !grid_->arrive_and_wait()) error_ = "cuda emulation: grid_sync timed out";
       block_barrier_.arrived = 0;
       ++block_barrier_.generation;
     }
@@ -201,6 +264,8 @@ class Block {
   }
 
   std::function<void()> body_;
+  GridBarrier* grid_ = nullptr;
+  bool grid_waiting_ = false;
   std::vector<Fiber> fibers_;
   std::vector<Warp> warps_;
   ucontext_t scheduler_;
@@ -226,11 +291,41 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
       }
 }
 
+// A cooperative launch: every block at once, each on its own OS thread, so that grid_sync() can wait for
+// all of them.
+inline void launch_cooperative(dim3 grid, dim3 block, const std::function<void()>& body) {
+  const unsigned blocks = grid.x * grid.y * grid.z;
+  if (blocks == 0) return;
+  TORCH_CHECK(blocks <= 256, "cuda emulation: cooperative launch of ", blocks, " blocks");
+  GridBarrier barrier(static_cast<int>(blocks));
+  std::vector<std::thread> threads;
+  std::vector<std::exception_ptr> errors(blocks);
+  std::mutex start;
+  for (unsigned b = 0; b < blocks; ++b) {
+    threads.emplace_back([&, b] {
+      gridDim = grid;
+      blockDim = block;
+      blockIdx = dim3(b % grid.x, (b / grid.x) % grid.y, b / (grid.x * grid.y));
+      try {
+        Block blk(block, body, &barrier);
+        blk.run();
+      } catch (...) {
+        errors[b] = std::current_exception();
+      }
+      barrier.drop();
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
 }  // namespace emulation
 }  // namespace cuda
 }  // namespace bnx
 
 inline void __syncthreads() { bnx::cuda::emulation::Block::current()->sync_block(); }
+inline void __threadfence() {}
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
