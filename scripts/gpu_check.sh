@@ -4,7 +4,7 @@
 #   tests  - every CUDA test case (pytest -k cuda), compile tests last, large (>2^31 elements) included
 #   cli    - python -m bnx explain / check on CUDA
 #   bench  - the benchmark; arguments after "--" go to it
-#   groups - A/B of the plane-groups walk (BNX_CUDA_PLANE_GROUPS=0, then 1) on the NCHW 7x7 and 14x14 shapes
+#   groups - the training passes with the opt-in walks off and on (BNX_CUDA_PLANE_GROUPS, BNX_CUDA_L2_GROUPS)
 # Logs and results go to $OUT (./out when OUT is unset). Without a GPU it says so and does nothing.
 #   OUT=... bash scripts/gpu_check.sh build tests cli
 #   OUT=... bash scripts/gpu_check.sh bench -- --compile-budget 90
@@ -73,11 +73,14 @@ run_bench() {
 }
 
 run_groups() {
-  for g in 0 1; do
-    BNX_CUDA_PLANE_GROUPS=$g timeout -s INT -k 10 ${GROUPS_TIMEOUT:-150} "$PY" -m bnx bench --device cuda \
-      --shapes "rn50-7;rn50-14" --layout nchw --peers native --json "$OUT/groups-$g.json" --md "$OUT/groups-$g.md" \
-      2> "$OUT/groups-$g-progress.log" | tee "$OUT/groups-$g-summary.txt" | head -n 20
-    echo "groups=$g rc=${PIPESTATUS[0]}"
+  # The opt-in walks against the default on the training passes, same machine, native in every run:
+  # config "PL" sets BNX_CUDA_PLANE_GROUPS=P and BNX_CUDA_L2_GROUPS=L (GROUPS_CONFIGS, default "00 11").
+  for cfg in ${GROUPS_CONFIGS:-00 11}; do
+    BNX_CUDA_PLANE_GROUPS=${cfg:0:1} BNX_CUDA_L2_GROUPS=${cfg:1:1} timeout -s INT -k 10 ${GROUPS_TIMEOUT:-200} \
+      "$PY" -m bnx bench --device cuda --shapes "${GROUPS_SHAPES:-gpu}" --passes train_fwd,train_bwd,train_fwd_bwd \
+      --peers native --json "$OUT/groups-$cfg.json" --md "$OUT/groups-$cfg.md" 2> "$OUT/groups-$cfg-progress.log" \
+      | tee "$OUT/groups-$cfg-summary.txt" | head -n 20
+    echo "groups $cfg rc=${PIPESTATUS[0]}"
   done
 }
 
