@@ -165,6 +165,8 @@ def test_grouped_plan_sizes_groups_by_the_l2(emu, monkeypatch, l2_kib, tiles_per
     assert (walk, grid_x) == (KPLANES, 16)
     assert (per_group, count) == (tiles_per_group, 16 // tiles_per_group)
     assert 1 <= ctas <= min(4, per_group * splits)
+    monkeypatch.setenv("BNX_CUDA_L2_GROUP_BYTES", str(48 * 1024))  # the override: 3 channels a group
+    assert tuple(emu.plan(x, "grouped")[7:9]) == (3, 6)
 
 
 # --- the ops against bnx's CPU ops --------------------------------------------------------------------

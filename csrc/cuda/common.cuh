@@ -599,6 +599,14 @@ inline int64_t l2_bytes() {
 #endif
 }
 
+// The input bytes a group of the grouped launch may take: a third of the L2, or BNX_CUDA_L2_GROUP_BYTES
+// (for measuring the trade-off: larger groups mean fewer grid barriers but fewer L2 hits).
+inline int64_t group_bytes() {
+  const char* v = std::getenv("BNX_CUDA_L2_GROUP_BYTES");
+  const long long n = v != nullptr ? std::atoll(v) : 0;
+  return n > 0 ? static_cast<int64_t>(n) : l2_bytes() / 3;
+}
+
 // How many CTAs of `kernel` can be resident at once (a cooperative launch may not use more).
 template <typename K>
 int64_t resident_ctas(K kernel, int threads) {
@@ -614,7 +622,7 @@ int64_t resident_ctas(K kernel, int threads) {
 }
 
 // The grouped launch's plan for `ctas_max` resident CTAs: groups of tile columns whose inputs
-// (`input_bytes_per_element` per element: x alone, or x and dy) take at most a third of the L2, and rows
+// (`input_bytes_per_element` per element: x alone, or x and dy) take at most group_bytes(), and rows
 // split so that a group has about ctas_max tiles. Returns the plan; `groups` and `ctas` are set.
 inline Plan grouped_plan(Plan p, const Layout& L, int64_t input_bytes_per_element, int64_t ctas_max, Groups& groups,
                          int64_t& ctas) {
@@ -622,7 +630,7 @@ inline Plan grouped_plan(Plan p, const Layout& L, int64_t input_bytes_per_elemen
                                   : p.walk == kPlaneGroups ? L.N * L.inner * p.V
                                                            : L.N * L.inner;
   const int64_t column_bytes = std::max<int64_t>(1, column_elements * input_bytes_per_element);
-  groups.tiles_per_group = std::min<int64_t>(std::max<int64_t>(1, l2_bytes() / 3 / column_bytes), p.grid_x);
+  groups.tiles_per_group = std::min<int64_t>(std::max<int64_t>(1, group_bytes() / column_bytes), p.grid_x);
   groups.count = ceil_div(p.grid_x, groups.tiles_per_group);
   p.reverse = false;
   split_rows(p, ceil_div(std::max<int64_t>(ctas_max, 1), groups.tiles_per_group), 16);
