@@ -476,6 +476,8 @@ def _env(device, args_threads):
                     capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1))
     else:
         info.update(device_name=platform.processor() or platform.machine(), cpu_count=os.cpu_count())
+    # bnx's switches (BNX_CUDA_PLANE_GROUPS, BNX_CUDA_L2_GROUPS, ...): results mean little without them
+    info["bnx_settings"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("BNX_")}
     try:
         import bnx
         info["bnx"] = getattr(bnx, "__version__", None)
@@ -673,6 +675,7 @@ def _run(args):
     log = lambda s: (sys.stderr.write(s), sys.stderr.flush())  # noqa: E731
     log(f"bnx bench: {env['device_name']} ({device.type}), torch {env['torch']}, {total} cases, "
         f"impls {', '.join(impls)}{' (quick)' if quick else ''}\n")
+    log(f"bnx settings: {_settings_text(env)}\n")
     copy_gbps = measure_copy_bandwidth(device, copy_bytes)
     log(f"copy bandwidth: {_gbps_text(copy_gbps)} GB/s (device-to-device copy of {copy_bytes >> 20} MiB, "
         "read + write)\n")
@@ -921,6 +924,11 @@ def read_progress_log(path):
             head.update(device_name=m.group(1), device_type=m.group(2), torch=m.group(3), total=int(m.group(4)),
                         impls=[t.strip() for t in m.group(5).split(",") if t.strip()], quick=bool(m.group(6)))
             continue
+        if ln.startswith("bnx settings: ") and "bnx_settings" not in head:
+            text = ln[len("bnx settings: "):].strip()
+            head["bnx_settings"] = ({} if text == "none (defaults)" else
+                                    dict(kv.split("=", 1) for kv in text.split(", ") if "=" in kv))
+            continue
         m = _COPY_RE.match(ln)
         if m and "copy_gbps" not in head:
             head.update(copy_gbps=float(m.group(1)), copy_bytes=int(m.group(2)) << 20)
@@ -1011,7 +1019,7 @@ def _rebuild(args):
         sys.stderr.write(f"--from-progress: {len(mismatches)} printed value(s) disagree with the ones recomputed "
                          "from the printed times (kept the recomputed): " + "; ".join(mismatches[:5]) + "\n")
     env = dict(device_type=dev_type, torch=head["torch"], cuda=None, cudnn=None, python=None, host=None,
-               threads=None, device_name=head["device_name"])
+               threads=None, device_name=head["device_name"], bnx_settings=head.get("bnx_settings"))
     reps = args.reps if args.reps is not None else ((10 if quick else 20) if is_cuda else None)
     warmup = args.warmup if args.warmup is not None else (3 if is_cuda else 2)
     timing = _timing_text(is_cuda, reps, warmup, 0.08 if quick else 0.25) + \
@@ -1103,6 +1111,13 @@ def _progress_tail(case, impls):
 # reports
 # ------------------------------------------------------------------------------------------------------
 
+def _settings_text(env):
+    settings = env.get("bnx_settings")
+    if settings is None:
+        return "n/a"
+    return ", ".join(f"{k}={v}" for k, v in settings.items()) or "none (defaults)"
+
+
 def _header_lines(res):
     e = res["env"]
     v = lambda k: "n/a" if e.get(k) is None else e.get(k)  # noqa: E731
@@ -1112,6 +1127,7 @@ def _header_lines(res):
         f"torch {e['torch']}, CUDA {v('cuda')}, cuDNN {v('cudnn')}, bnx {v('bnx')}, threads {v('threads')}"
         + (f", bnx CPU kernels {e['bnx_cpu_kernels']}" if e["device_type"] == "cpu" and e.get("bnx_cpu_kernels") else ""),
         f"copy bandwidth: {_gbps_text(res['copy_gbps'])} GB/s (read + write, {res['copy_bytes'] >> 20} MiB)",
+        f"bnx settings: {_settings_text(e)}",
         f"timing: {res['timing']}",
         f"command: {res['command']}",
     ]

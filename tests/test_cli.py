@@ -18,9 +18,10 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device (or bnx 
 no_cuda_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")
 
 
-def run_bnx(*args, timeout=300, cmd=None):
+def run_bnx(*args, timeout=300, cmd=None, extra_env=None):
     env = dict(os.environ)
     env.pop("BNX_DEBUG", None)
+    env.update(extra_env or {})
     env.setdefault("OMP_NUM_THREADS", "2")
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = cmd or [sys.executable, "-m", "bnx"]
@@ -170,6 +171,25 @@ def test_bench_cpu_quick(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert re.search(r"\[1/14\] train_fwd fp32 nchw 4,8,6,6 \.\.\. bnx", p.stderr)
     assert "min frac (bnx)" in p.stdout and "geomean" in p.stdout
+
+
+def test_bench_reports_bnx_settings(tmp_path):
+    """The BNX_* switches in effect are part of the results (they select kernels): in the JSON, the
+    markdown header and the progress log."""
+    md, js = tmp_path / "b.md", tmp_path / "b.json"
+    p = run_bnx("bench", "--device", "cpu", "--quick", "--shapes", "2,4,3,3", "--passes", "eval_fwd", "--reps", "2",
+                "--threads", "1", "--layout", "nchw", "--md", md, "--json", js,
+                extra_env={"BNX_CUDA_L2_GROUPS": "1", "BNX_CPU_KERNELS": "default"})
+    assert p.returncode == 0, p.stderr
+    assert json.loads(js.read_text())["env"]["bnx_settings"]["BNX_CUDA_L2_GROUPS"] == "1"
+    assert "bnx settings: BNX_CPU_KERNELS=default, BNX_CUDA_L2_GROUPS=1" in md.read_text()
+    assert "bnx settings: BNX_CPU_KERNELS=default, BNX_CUDA_L2_GROUPS=1" in p.stderr
+    log, md2 = tmp_path / "progress.log", tmp_path / "rebuilt.md"
+    log.write_text(p.stderr)
+    q = run_bnx("bench", "--device", "cpu", "--quick", "--shapes", "2,4,3,3", "--passes", "eval_fwd", "--layout", "nchw",
+                "--from-progress", log, "--md", md2)
+    assert q.returncode == 0, q.stderr
+    assert "bnx settings: BNX_CPU_KERNELS=default, BNX_CUDA_L2_GROUPS=1" in md2.read_text()
 
 
 def test_bench_script_wrapper(tmp_path):
