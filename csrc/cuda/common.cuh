@@ -3,6 +3,8 @@
 //    finalize step), deterministic: every sum is taken in a fixed order, no atomics.
 //  - channel_map_kernel: an elementwise pass where each thread owns fixed channel(s), so its per-channel
 //    coefficients live in registers and no index is divided per element.
+// (grouped_sums_map_kernel, opt-in, runs a sums pass and the map pass after it in one cooperative launch,
+// group of channels by group of channels, so that the map re-reads its input from L2.)
 // A thread walks 16-byte vectors of one channel (NCHW: V elements of one plane), of V adjacent channels
 // (channels-last rows), or of the planes of V adjacent channels (NCHW planes no vector divides, see Walk).
 #pragma once
