@@ -7,10 +7,12 @@
 // another on the calling thread; those of a cooperative launch each get an OS thread, all at once, and
 // grid_sync() waits for every block. `__shared__` becomes `static thread_local`: one copy per OS thread,
 // that is per running block.
-// What it checks beyond the results: a barrier that not every thread reaches (deadlock), and a shuffle in a
-// warp that is not whole or not fully converged, both raise instead of hanging or reading garbage.
-// What it cannot check: timing, memory coalescing, races between threads that do not synchronize (fibers
-// switch only at barriers, so such a race reads one fixed order).
+// What it checks beyond the results: barriers that leave threads waiting forever (deadlock), and shuffles
+// whose mask is not the full warp or whose warp has fewer than 32 live threads, raise instead of hanging or
+// reading garbage.
+// What it cannot check: timing, memory coalescing, misaligned vector accesses (x86 allows them), races
+// between the threads of a block that do not synchronize (fibers switch only at barriers, so such a race
+// reads one fixed order); races between the blocks of a cooperative launch are real but not reproducible.
 #pragma once
 
 #include <ucontext.h>
@@ -21,14 +23,14 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
-#include <exception>
-#include <mutex>
-#include <thread>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 struct dim3 {
