@@ -165,7 +165,8 @@ def test_more_than_2_31_elements_bf16():
             assert err < 2 ** -6, (c, err)
 
 
-@pytest.mark.parametrize("walks", ["00", "10", "01", "11"], ids=["default", "plane_groups", "l2_groups", "both"])
+@pytest.mark.parametrize("walks", ["00", "10", "01", "012", "11"],
+                         ids=["default", "plane_groups", "l2_groups", "l2_groups_two_barriers", "both"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(6, 5, 7, 9), (4, 7, 16, 16), (3, 4, 5, 6, 8), (9, 16, 7, 7), (5, 16, 14, 14),
                                    (300, 32, 3, 3), (32, 48, 48, 48)])
@@ -177,6 +178,7 @@ def test_fused_passes_match_reference(dtype, shape, walks, monkeypatch):
     cooperative launch (BNX_CUDA_L2_GROUPS=1; in fp32 the (32,48,48,48) input spans two groups of a 50-60 MB L2)."""
     monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", walks[0])
     monkeypatch.setenv("BNX_CUDA_L2_GROUPS", walks[1])
+    monkeypatch.setenv("BNX_CUDA_L2_GROUPS_BARRIERS", walks[2:])
     torch.manual_seed(7)
     C = shape[1]
     x = (torch.randn(shape, device=DEV) * 2 + 1).to(dtype)

@@ -51,19 +51,21 @@ def emu():
     return _emulated_ops()
 
 
-CONFIGS = {  # name: (BNX_CUDA_PLANE_GROUPS, BNX_CUDA_L2_GROUPS)
-    "default": ("0", "0"),
-    "plane_groups": ("1", "0"),
-    "l2_groups": ("0", "1"),
-    "both": ("1", "1"),
+CONFIGS = {  # name: (BNX_CUDA_PLANE_GROUPS, BNX_CUDA_L2_GROUPS, BNX_CUDA_L2_GROUPS_BARRIERS)
+    "default": ("0", "0", ""),
+    "plane_groups": ("1", "0", ""),
+    "l2_groups": ("0", "1", ""),
+    "l2_groups_two_barriers": ("0", "1", "2"),
+    "both": ("1", "1", ""),
 }
 
 
 @pytest.fixture
 def config(monkeypatch, request):
-    plane, l2 = CONFIGS[request.param]
+    plane, l2, barriers = CONFIGS[request.param]
     monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", plane)
     monkeypatch.setenv("BNX_CUDA_L2_GROUPS", l2)
+    monkeypatch.setenv("BNX_CUDA_L2_GROUPS_BARRIERS", barriers)
     return request.param
 
 
@@ -242,19 +244,21 @@ def test_emulated_cuda_ops_match_cpu_ops(emu, config, dtype, shape, layout):
         _close(got[key], want[key], dtype, key)
 
 
-@pytest.mark.parametrize("l2_groups", ["0", "1"], ids=["two_launches", "l2_groups"])
+@pytest.mark.parametrize("l2_groups", ["0", "1", "1/2"], ids=["two_launches", "l2_groups", "l2_groups_two_barriers"])
 @pytest.mark.parametrize("sms", ["1", "3", "200"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
 def test_emulated_ops_over_split_counts(emu, monkeypatch, sms, dtype, l2_groups):
     """The same on a larger batch with the plan's SM count varied, so channels are summed by one CTA
     (splits == 1: the CTA finishes them) or by many (partial sums and the finalize kernel, or the grouped
-    kernel's finalize step spread over the grid)."""
+    kernel's finalize step: spread over the grid between two barriers, or each CTA finishing its own tiles'
+    channels after one)."""
     monkeypatch.setenv("BNX_EMULATED_SMS", sms if l2_groups == "0" else str(min(int(sms), 8)))
     monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", "1")
-    monkeypatch.setenv("BNX_CUDA_L2_GROUPS", l2_groups)
+    monkeypatch.setenv("BNX_CUDA_L2_GROUPS", l2_groups[0])
+    monkeypatch.setenv("BNX_CUDA_L2_GROUPS_BARRIERS", l2_groups[2:])
     for shape, layout in [((200, 8, 7, 7), "nchw"), ((64, 4, 32, 32), "nchw"), ((512, 16, 3, 3), "cl")]:
         if sms == "200":  # many SMs: the batch is split, so the finalize step runs
-            plan = emu.plan(_tensor(shape, dtype, layout), "grouped" if l2_groups == "1" else "sums")
+            plan = emu.plan(_tensor(shape, dtype, layout), "grouped" if l2_groups != "0" else "sums")
             assert plan[3] > 1, shape
         args = _inputs(shape, dtype, layout)
         got = _run_all(emu, *args)

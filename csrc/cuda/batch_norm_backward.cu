@@ -129,6 +129,25 @@ struct BatchGradInputOp {
   }
 };
 
+// The one-barrier grouped launch (see grouped_sums_map_kernel): the gradient sums kept in a CTA's own
+// arrays (sum_dy -> a, sum_dy_xmu -> b, indexed by channel) instead of the outputs, and grad_input reading them.
+template <typename acc_t>
+__device__ __forceinline__ GradFinalize<acc_t> local_finalize(GradFinalize<acc_t> f, acc_t* a, acc_t* b) {
+  f.sum_dy = a;
+  f.sum_dy_xmu = b;
+  f.grad_weight = nullptr;
+  f.grad_bias = nullptr;
+  return f;
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ BatchGradInputOp<scalar_t, acc_t> local_map(BatchGradInputOp<scalar_t, acc_t> op, const acc_t* a,
+                                                                     const acc_t* b) {
+  op.sum_dy = a;
+  op.sum_dy_xmu = b;
+  return op;
+}
+
 // dx = weight * invstd * dy
 template <typename scalar_t, typename acc_t>
 struct FrozenGradInputOp {

@@ -460,17 +460,26 @@ __device__ void sum_tile(const Plan& p, Tile t, const Op& op, const Fin& fin, ac
 }
 
 // Adds the splits' partial sums of channel c in one warp (strided lane sums, then a fixed shuffle tree, so
-// the order never changes) and hands them to fin.
-template <typename acc_t, typename Fin>
-__device__ __forceinline__ void finalize_channel(const acc_t* __restrict__ partial, int64_t splits, int64_t C,
-                                                 int64_t c, int lane, const Fin& fin) {
-  acc_t a = 0, b = 0;
+// the order never changes); every lane gets the totals.
+template <typename acc_t>
+__device__ __forceinline__ void reduce_channel(const acc_t* __restrict__ partial, int64_t splits, int64_t C, int64_t c,
+                                               int lane, acc_t& a, acc_t& b) {
+  a = 0;
+  b = 0;
   for (int64_t s = lane; s < splits; s += 32) {
     a += partial[(s * C + c) * 2];
     b += partial[(s * C + c) * 2 + 1];
   }
   a = warp_sum(a);
   b = warp_sum(b);
+}
+
+// reduce_channel, then fin from lane 0.
+template <typename acc_t, typename Fin>
+__device__ __forceinline__ void finalize_channel(const acc_t* __restrict__ partial, int64_t splits, int64_t C,
+                                                 int64_t c, int lane, const Fin& fin) {
+  acc_t a, b;
+  reduce_channel(partial, splits, C, c, lane, a, b);
   if (lane == 0) fin(c, a, b);
 }
 
@@ -506,6 +515,13 @@ __global__ void __launch_bounds__(kThreads) channel_map_kernel(Plan p, Op op) {
 // of its tiles (spread over the grid), a grid-wide barrier, the finalize step of its channels (one warp per
 // channel across the grid), another barrier, then the map over the same tiles, each CTA re-reading what it
 // summed, from L2 rather than DRAM. Opt-in (BNX_CUDA_L2_GROUPS=1) until it has been measured on a GPU.
+// kOneBarrier (NCHW walks, whose tiles have at most V channels): no second barrier; each CTA adds the
+// partial sums of its own tiles' channels itself, in the same fixed order as everywhere, and finishes them
+// into shared memory with `local_finalize(fin, ...)` (fin's arithmetic without its side effects), which
+// `local_map(mop, ...)` then reads; the CTA of split 0 also calls fin, so the outputs and running
+// statistics are written once. With one split per tile column no barrier is needed at all: a tile's one
+// CTA finishes its channels itself.
+constexpr int kMaxTileChannels = 8;
 struct Groups {
   int64_t tiles_per_group = 1;
   int64_t count = 1;
@@ -534,9 +550,10 @@ __device__ __forceinline__ void tile_channels(const Plan& p, int64_t x0, int64_t
   }
 }
 
-template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
+template <typename acc_t, int V, int W, bool kOneBarrier, typename SumOp, typename Fin, typename MapOp>
 __global__ void __launch_bounds__(kThreads) grouped_sums_map_kernel(Plan p, Groups groups, SumOp sop, Fin fin, MapOp mop,
                                                                     acc_t* __restrict__ partial) {
+  __shared__ acc_t local_a[kMaxTileChannels], local_b[kMaxTileChannels];
   const int64_t ctas = gridDim.x;
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
@@ -545,11 +562,46 @@ __global__ void __launch_bounds__(kThreads) grouped_sums_map_kernel(Plan p, Grou
     const int64_t x0 = g * groups.tiles_per_group;
     const int64_t nx = ::min(groups.tiles_per_group, p.grid_x - x0);
     const int64_t tiles = nx * p.splits;
+    if (p.splits == 1) {
+      // Tile i's one CTA sums it, finishes its channels (fin, in sum_tile) and maps it: no barrier.
+      for (int64_t i = blockIdx.x; i < tiles; i += ctas) {
+        sum_tile<acc_t, V, W>(p, Tile{x0 + i, 0}, sop, fin, partial);
+        __syncthreads();  // fin's outputs are visible to the whole CTA
+        map_tile<acc_t, V, W>(p, Tile{x0 + i, 0}, mop);
+        __syncthreads();
+      }
+      continue;
+    }
     for (int64_t i = blockIdx.x; i < tiles; i += ctas) {
       sum_tile<acc_t, V, W>(p, Tile{x0 + i % nx, i / nx}, sop, fin, partial);
       __syncthreads();  // the next tile's reduction reuses the shared memory
     }
     grid_sync();
+    if constexpr (kOneBarrier) {
+      for (int64_t i = blockIdx.x; i < tiles; i += ctas) {
+        const Tile t{x0 + i % nx, i / nx};
+        int64_t c0, c1;
+        tile_channels(p, t.x, t.x + 1, c0, c1);
+        // Pointers that index local_a / local_b by channel c in [c0, c1).
+        acc_t* a_by_channel = local_a - c0;
+        acc_t* b_by_channel = local_b - c0;
+        const Fin local_fin = local_finalize(fin, a_by_channel, b_by_channel);
+        if (warp < warps) {
+          for (int64_t c = c0 + warp; c < c1; c += warps) {
+            acc_t a, b;
+            reduce_channel(partial, p.splits, p.C, c, lane, a, b);
+            if (lane == 0) {
+              local_fin(c, a, b);
+              if (t.y == 0) fin(c, a, b);
+            }
+          }
+        }
+        __syncthreads();
+        map_tile<acc_t, V, W>(p, t, local_map(mop, a_by_channel, b_by_channel));
+        __syncthreads();  // local_a / local_b are rewritten for the next tile
+      }
+      continue;
+    }
     if (p.splits > 1) {
       int64_t c0, c1;
       tile_channels(p, x0, x0 + nx, c0, c1);
@@ -643,10 +695,10 @@ inline Plan grouped_plan(Plan p, const Layout& L, int64_t input_bytes_per_elemen
 // Runs the sums pass (sop, fin) and then the map pass (mop) over `p`'s tiles as one grouped cooperative
 // launch (see grouped_sums_map_kernel and grouped_plan). Falls back to launch_sums and launch_map when the
 // kernel cannot be resident.
-template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
-void launch_grouped(const Plan& sums, const Layout& L, int64_t input_bytes_per_element, const SumOp& sop,
-                    const Fin& fin, const MapOp& mop, const at::Tensor& like) {
-  auto kernel = &grouped_sums_map_kernel<acc_t, V, W, SumOp, Fin, MapOp>;
+template <typename acc_t, int V, int W, bool kOneBarrier, typename SumOp, typename Fin, typename MapOp>
+void launch_grouped_kernel(const Plan& sums, const Layout& L, int64_t input_bytes_per_element, const SumOp& sop,
+                           const Fin& fin, const MapOp& mop, const at::Tensor& like) {
+  auto kernel = &grouped_sums_map_kernel<acc_t, V, W, kOneBarrier, SumOp, Fin, MapOp>;
   Groups groups;
   int64_t ctas = 0;
   const Plan p = grouped_plan(sums, L, input_bytes_per_element, resident_ctas(kernel, sums.tx * sums.ty), groups, ctas);
@@ -658,6 +710,25 @@ void launch_grouped(const Plan& sums, const Layout& L, int64_t input_bytes_per_e
   }
   acc_t* partial = p.splits > 1 ? workspace.mutable_data_ptr<acc_t>() : nullptr;
   launch_cooperative(kernel, dim3(static_cast<unsigned>(ctas)), p.block(), p, groups, sop, fin, mop, partial);
+}
+
+inline bool grouped_two_barriers() {
+  const char* v = std::getenv("BNX_CUDA_L2_GROUPS_BARRIERS");
+  return v != nullptr && v[0] == '2' && v[1] == '\0';
+}
+
+template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
+void launch_grouped(const Plan& sums, const Layout& L, int64_t input_bytes_per_element, const SumOp& sop,
+                    const Fin& fin, const MapOp& mop, const at::Tensor& like) {
+  // One barrier per group where a tile has few channels (NCHW), unless BNX_CUDA_L2_GROUPS_BARRIERS=2.
+  if constexpr (W != kRows) {
+    static_assert(V <= kMaxTileChannels, "a plane-groups tile has V channels");
+    if (!grouped_two_barriers()) {
+      launch_grouped_kernel<acc_t, V, W, true>(sums, L, input_bytes_per_element, sop, fin, mop, like);
+      return;
+    }
+  }
+  launch_grouped_kernel<acc_t, V, W, false>(sums, L, input_bytes_per_element, sop, fin, mop, like);
 }
 
 // Calls f(std::integral_constant<int, V>, std::integral_constant<int, walk>) for the plan's vector width

@@ -128,5 +128,25 @@ struct AffineOp {
   }
 };
 
+// The one-barrier grouped launch (see grouped_sums_map_kernel): the statistics finished into a CTA's own
+// arrays (mean -> a, invstd -> b, indexed by channel), without the running-statistics update, and the
+// normalize pass reading them.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ MomentsFinalize<scalar_t, acc_t> local_finalize(MomentsFinalize<scalar_t, acc_t> f, acc_t* a,
+                                                                         acc_t* b) {
+  f.mean = a;
+  f.invstd = b;
+  f.running_mean = nullptr;
+  f.running_var = nullptr;
+  return f;
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ AffineOp<scalar_t, acc_t> local_map(AffineOp<scalar_t, acc_t> op, const acc_t* a, const acc_t* b) {
+  op.mean = a;
+  op.scale = b;  // invstd: the training forward's normalize has scale_is_var == false
+  return op;
+}
+
 }  // namespace cuda
 }  // namespace bnx
