@@ -74,9 +74,11 @@ run_bench() {
 
 run_groups() {
   # The opt-in walks against the default on the training passes, same machine, native in every run:
-  # config "PL" sets BNX_CUDA_PLANE_GROUPS=P and BNX_CUDA_L2_GROUPS=L (GROUPS_CONFIGS, default "00 11").
+  # config "PL[B]" sets BNX_CUDA_PLANE_GROUPS=P, BNX_CUDA_L2_GROUPS=L and BNX_CUDA_L2_GROUPS_BARRIERS=B
+  # (GROUPS_CONFIGS, default "00 11"; "112": the grouped launch with two barriers per group everywhere).
   for cfg in ${GROUPS_CONFIGS:-00 11}; do
-    BNX_CUDA_PLANE_GROUPS=${cfg:0:1} BNX_CUDA_L2_GROUPS=${cfg:1:1} timeout -s INT -k 10 ${GROUPS_TIMEOUT:-200} \
+    BNX_CUDA_PLANE_GROUPS=${cfg:0:1} BNX_CUDA_L2_GROUPS=${cfg:1:1} BNX_CUDA_L2_GROUPS_BARRIERS=${cfg:2:1} \
+      timeout -s INT -k 10 ${GROUPS_TIMEOUT:-200} \
       "$PY" -m bnx bench --device cuda --shapes "${GROUPS_SHAPES:-gpu}" --passes train_fwd,train_bwd,train_fwd_bwd \
       --peers native --json "$OUT/groups-$cfg.json" --md "$OUT/groups-$cfg.md" 2> "$OUT/groups-$cfg-progress.log" \
       | tee "$OUT/groups-$cfg-summary.txt" | head -n 20
