@@ -101,6 +101,16 @@ def test_emulated_shuffle_in_partial_warp_raises(emu):
         emu.emulated_block_sums(1, 100, 1000)
 
 
+def test_emulated_vector_access_must_be_aligned(emu):
+    """16-byte vector loads from a 16-byte aligned address copy exactly; from an address 4 bytes further
+    (what would fault on a GPU, and passes silently on x86) the emulation raises."""
+    x = torch.arange(200, dtype=torch.float32)
+    assert x.data_ptr() % 16 == 0
+    torch.testing.assert_close(emu.emulated_vector_copy(x, 4, 32), x[4:132], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="misaligned 16-byte vector access"):
+        emu.emulated_vector_copy(x, 1, 32)
+
+
 # --- launch plans ---------------------------------------------------------------------------------------
 
 PLAN_CASES = [
@@ -241,6 +251,25 @@ def test_emulated_cuda_ops_match_cpu_ops(emu, config, dtype, shape, layout):
     want = _run_all(torch.ops.bnx, *args)
     assert got.keys() == want.keys()
     for key in want:
+        _close(got[key], want[key], dtype, key)
+
+
+@pytest.mark.parametrize("config", ["default", "both"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_emulated_ops_on_misaligned_input(emu, config, dtype):
+    """An input one element into its storage (data pointer 2 or 4 bytes off a 16-byte boundary): the
+    plans fall back to narrower vectors, no access is misaligned (the emulation would raise), and the
+    results are the CPU ops' results."""
+    shape = (5, 16, 7, 7)
+    x, dy, w, b, rm, rv, nbt = _inputs(shape, dtype, "nchw")
+    x = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(shape)
+    dy = torch.cat([dy.new_zeros(1), dy.flatten()])[1:].view(shape)
+    assert x.is_contiguous() and x.data_ptr() % 16 != 0
+    got = _run_all(emu, x, dy, w, b, rm, rv, nbt)
+    want = _run_all(torch.ops.bnx, x, dy, w, b, rm, rv, nbt)
+    for key in want:
+        if key.endswith(("dx", "y", "elemt", "inference")) and got[key].numel():
+            got[key], want[key] = got[key].contiguous(), want[key].contiguous()
         _close(got[key], want[key], dtype, key)
 
 

@@ -80,11 +80,17 @@ struct alignas(sizeof(T) * V) Vec {
 
 template <int V, typename T>
 __device__ __forceinline__ Vec<T, V> load_vec(const T* __restrict__ p, int64_t offset) {
+#ifdef BNX_CUDA_EMULATION
+  emulation::check_aligned(p + offset, sizeof(Vec<T, V>));
+#endif
   return *reinterpret_cast<const Vec<T, V>*>(p + offset);
 }
 
 template <int V, typename T>
 __device__ __forceinline__ void store_vec(T* __restrict__ p, int64_t offset, const Vec<T, V>& v) {
+#ifdef BNX_CUDA_EMULATION
+  emulation::check_aligned(p + offset, sizeof(Vec<T, V>));
+#endif
   *reinterpret_cast<Vec<T, V>*>(p + offset) = v;
 }
 

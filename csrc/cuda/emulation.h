@@ -7,10 +7,11 @@
 // another on the calling thread; those of a cooperative launch each get an OS thread, all at once, and
 // grid_sync() waits for every block. `__shared__` becomes `static thread_local`: one copy per OS thread,
 // that is per running block.
-// What it checks beyond the results: barriers that leave threads waiting forever (deadlock), and shuffles
-// whose mask is not the full warp or whose warp has fewer than 32 live threads, raise instead of hanging or
-// reading garbage.
-// What it cannot check: timing, memory coalescing, misaligned vector accesses (x86 allows them), races
+// What it checks beyond the results: barriers that leave threads waiting forever (deadlock), shuffles whose
+// mask is not the full warp or whose warp has fewer than 32 live threads, and vector loads and stores not
+// aligned to their size (common.cuh's load_vec / store_vec) raise instead of hanging, reading garbage or
+// passing on x86 what would fault on a GPU.
+// What it cannot check: timing, memory coalescing, races
 // between the threads of a block that do not synchronize (fibers switch only at barriers, so such a race
 // reads one fixed order); races between the blocks of a cooperative launch are real but not reproducible.
 #pragma once
@@ -161,6 +162,9 @@ class Block {
   // __syncthreads: wait until every live thread of the block has arrived.
   void sync_block() { wait(block_barrier_, live_); }
 
+  // Stops the launch with an error (raised by the launch, not from inside the fiber).
+  [[noreturn]] void report(const std::string& message) { fail(message); }
+
   // A grid-wide barrier (cooperative launches): the block's last thread to arrive waits for the other
   // blocks, then releases the block's threads.
   void sync_grid() {
@@ -229,7 +233,7 @@ class Block {
 
   void yield() { swapcontext(&fibers_[running_].ctx, &scheduler_); }
 
-  void fail(const std::string& message) {
+  [[noreturn]] void fail(const std::string& message) {
     if (error_.empty()) error_ = message;
     while (true) yield();  // the scheduler stops at the error; this fiber is never resumed
   }
@@ -291,6 +295,14 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
         Block b(block, body);
         b.run();
       }
+}
+
+// A vector access must be aligned to its size, as on the GPU (x86 would not fault).
+inline void check_aligned(const void* p, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+    Block::current()->report("cuda emulation: misaligned " + std::to_string(bytes) + "-byte vector access at " +
+                             std::to_string(reinterpret_cast<uintptr_t>(p)));
+  }
 }
 
 // A cooperative launch: every block at once, each on its own OS thread, so that grid_sync() can wait for

@@ -54,6 +54,21 @@ at::Tensor emulated_block_sums(int64_t blocks, int64_t threads, int64_t n_values
   return out;
 }
 
+__global__ void vector_copy_kernel(const float* in, float* out, int64_t offset) {
+  store_vec<4>(out, 4 * threadIdx.x, load_vec<4>(in, offset + 4 * threadIdx.x));
+}
+
+// Copies 4 * threads floats with 16-byte vectors, reading from `offset` elements into `input`: an offset
+// that is not a multiple of 4 is a misaligned vector access, which the emulation refuses.
+at::Tensor emulated_vector_copy(const at::Tensor& input, int64_t offset, int64_t threads) {
+  TORCH_CHECK(input.dtype() == at::kFloat && input.is_contiguous() && input.numel() >= offset + 4 * threads,
+              "emulated_vector_copy: input must be contiguous float32 with offset + 4 * threads elements");
+  at::Tensor out = at::empty({4 * threads}, input.options());
+  launch_kernel(&vector_copy_kernel, dim3(1), dim3(static_cast<unsigned>(threads)), input.const_data_ptr<float>(),
+                out.mutable_data_ptr<float>(), offset);
+  return out;
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace bnx
@@ -61,9 +76,13 @@ at::Tensor emulated_block_sums(int64_t blocks, int64_t threads, int64_t n_values
 TORCH_LIBRARY_FRAGMENT(bnx_cuda_emulation, m) {
   m.def("plan(Tensor input, str kind) -> int[]");
   m.def("emulated_block_sums(int blocks, int threads, int n_values) -> Tensor");
+  m.def("emulated_vector_copy(Tensor input, int offset, int threads) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(bnx_cuda_emulation, CPU, m) { m.impl("plan", &bnx::cuda::plan_of); }
+TORCH_LIBRARY_IMPL(bnx_cuda_emulation, CPU, m) {
+  m.impl("plan", &bnx::cuda::plan_of);
+  m.impl("emulated_vector_copy", &bnx::cuda::emulated_vector_copy);
+}
 
 TORCH_LIBRARY_IMPL(bnx_cuda_emulation, CompositeExplicitAutograd, m) {
   m.impl("emulated_block_sums", &bnx::cuda::emulated_block_sums);
