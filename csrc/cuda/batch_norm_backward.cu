@@ -140,6 +140,13 @@ __device__ __forceinline__ GradFinalize<acc_t> local_finalize(GradFinalize<acc_t
   return f;
 }
 
+// What fin wrote for channel c in this launch (sum_dy -> a, sum_dy_xmu -> b), read past L1.
+template <typename acc_t>
+__device__ __forceinline__ void finalized(const GradFinalize<acc_t>& f, int64_t c, acc_t& a, acc_t& b) {
+  a = load_coherent(f.sum_dy + c);
+  b = load_coherent(f.sum_dy_xmu + c);
+}
+
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ BatchGradInputOp<scalar_t, acc_t> local_map(BatchGradInputOp<scalar_t, acc_t> op, const acc_t* a,
                                                                      const acc_t* b) {

@@ -527,7 +527,19 @@ __global__ void __launch_bounds__(kThreads) channel_map_kernel(Plan p, Op op) {
 // `local_map(mop, ...)` then reads; the CTA of split 0 also calls fin, so the outputs and running
 // statistics are written once. With one split per tile column no barrier is needed at all: a tile's one
 // CTA finishes its channels itself.
-constexpr int kMaxTileChannels = 8;
+// The map pass never reads what fin wrote in the same launch through the op's own pointers (const
+// __restrict__, which the compiler may serve from the non-coherent read-only cache): it reads a copy in
+// shared memory, staged with loads that bypass L1 (`finalized`, after a fence) or computed by the CTA.
+constexpr int kMaxTileChannels = 256;  // a rows tile: up to 32 lanes x V channels
+
+template <typename T>
+__device__ __forceinline__ T load_coherent(const T* p) {
+#ifdef BNX_CUDA_EMULATION
+  return *p;
+#else
+  return __ldcg(p);
+#endif
+}
 struct Groups {
   int64_t tiles_per_group = 1;
   int64_t count = 1;
@@ -556,6 +568,21 @@ __device__ __forceinline__ void tile_channels(const Plan& p, int64_t x0, int64_t
   }
 }
 
+// Maps tile t with the finished values of its channels (fin's outputs, written earlier in this launch) copied
+// into local_a / local_b.
+template <typename acc_t, int V, int W, typename Fin, typename MapOp>
+__device__ __forceinline__ void map_staged(const Plan& p, Tile t, const Fin& fin, const MapOp& mop, acc_t* local_a,
+                                           acc_t* local_b) {
+  int64_t c0, c1;
+  tile_channels(p, t.x, t.x + 1, c0, c1);
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int64_t j = tid; j < c1 - c0; j += static_cast<int64_t>(blockDim.x) * blockDim.y)
+    finalized(fin, c0 + j, local_a[j], local_b[j]);
+  __syncthreads();
+  map_tile<acc_t, V, W>(p, t, local_map(mop, local_a - c0, local_b - c0));
+  __syncthreads();  // local_a / local_b are rewritten for the next tile
+}
+
 template <typename acc_t, int V, int W, bool kOneBarrier, typename SumOp, typename Fin, typename MapOp>
 __global__ void __launch_bounds__(kThreads) grouped_sums_map_kernel(Plan p, Groups groups, SumOp sop, Fin fin, MapOp mop,
                                                                     acc_t* __restrict__ partial) {
@@ -571,10 +598,11 @@ __global__ void __launch_bounds__(kThreads) grouped_sums_map_kernel(Plan p, Grou
     if (p.splits == 1) {
       // Tile i's one CTA sums it, finishes its channels (fin, in sum_tile) and maps it: no barrier.
       for (int64_t i = blockIdx.x; i < tiles; i += ctas) {
-        sum_tile<acc_t, V, W>(p, Tile{x0 + i, 0}, sop, fin, partial);
-        __syncthreads();  // fin's outputs are visible to the whole CTA
-        map_tile<acc_t, V, W>(p, Tile{x0 + i, 0}, mop);
+        const Tile t{x0 + i, 0};
+        sum_tile<acc_t, V, W>(p, t, sop, fin, partial);
+        __threadfence();  // fin's writes reach L2, where load_coherent reads them
         __syncthreads();
+        map_staged<acc_t, V, W>(p, t, fin, mop, local_a, local_b);
       }
       continue;
     }
@@ -617,7 +645,8 @@ __global__ void __launch_bounds__(kThreads) grouped_sums_map_kernel(Plan p, Grou
       }
       grid_sync();
     }
-    for (int64_t i = blockIdx.x; i < tiles; i += ctas) map_tile<acc_t, V, W>(p, Tile{x0 + i % nx, i / nx}, mop);
+    for (int64_t i = blockIdx.x; i < tiles; i += ctas)
+      map_staged<acc_t, V, W>(p, Tile{x0 + i % nx, i / nx}, fin, mop, local_a, local_b);
   }
 }
 
@@ -728,7 +757,6 @@ void launch_grouped(const Plan& sums, const Layout& L, int64_t input_bytes_per_e
                     const Fin& fin, const MapOp& mop, const at::Tensor& like) {
   // One barrier per group where a tile has few channels (NCHW), unless BNX_CUDA_L2_GROUPS_BARRIERS=2.
   if constexpr (W != kRows) {
-    static_assert(V <= kMaxTileChannels, "a plane-groups tile has V channels");
     if (!grouped_two_barriers()) {
       launch_grouped_kernel<acc_t, V, W, true>(sums, L, input_bytes_per_element, sop, fin, mop, like);
       return;

@@ -141,6 +141,13 @@ __device__ __forceinline__ MomentsFinalize<scalar_t, acc_t> local_finalize(Momen
   return f;
 }
 
+// What fin wrote for channel c in this launch (mean -> a, invstd -> b), read past L1.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void finalized(const MomentsFinalize<scalar_t, acc_t>& f, int64_t c, acc_t& a, acc_t& b) {
+  a = load_coherent(f.mean + c);
+  b = load_coherent(f.invstd + c);
+}
+
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ AffineOp<scalar_t, acc_t> local_map(AffineOp<scalar_t, acc_t> op, const acc_t* a, const acc_t* b) {
   op.mean = a;
