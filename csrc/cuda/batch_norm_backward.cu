@@ -280,18 +280,14 @@ void batch_backward(const BackwardArgs& a, const Tensor& weight, const Tensor& d
                                                   sum_dy_xmu.const_data_ptr<acc_t>(),
                                                   acc_t(1) / static_cast<acc_t>(a.L.rows)};
     const Plan ps = sums_plan(a.L, access);
-    if (dxp != nullptr && l2_groups_enabled()) {
-      dispatch_plan<scalar_t>(ps, [&](auto vec, auto walk) {
-        launch_grouped<acc_t, decltype(vec)::value, decltype(walk)::value>(ps, a.L, 2 * sizeof(scalar_t), sums_op, fin,
-                                                                           dx_op, a.input);
-      });
-      return;
-    }
-    const Plan pm = map_plan(a.L, access, /*reverse=*/true);  // starts where the sums ended: still in L2
-    const Tensor workspace = partial_workspace<acc_t>(ps, a.input);
     dispatch_plan<scalar_t>(ps, [&](auto vec, auto walk) {
-      launch_sums<acc_t, decltype(vec)::value, decltype(walk)::value>(ps, sums_op, fin, workspace);
-      if (dxp != nullptr) launch_map<acc_t, decltype(vec)::value, decltype(walk)::value>(pm, dx_op);
+      constexpr int kV = decltype(vec)::value;
+      constexpr int kW = decltype(walk)::value;
+      if (dxp != nullptr) {
+        launch_sums_then_map<acc_t, kV, kW>(ps, a.L, access, 2 * sizeof(scalar_t), sums_op, fin, dx_op, a.input);
+      } else {
+        launch_sums<acc_t, kV, kW>(ps, sums_op, fin, partial_workspace<acc_t>(ps, a.input));
+      }
     });
   });
 }

@@ -120,19 +120,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_forward_cuda(
                                               mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
                                               /*scale_is_var=*/false, acc_t(0)};
     const Plan ps = sums_plan(a.L, access);
-    if (l2_groups_enabled()) {
-      dispatch_plan<scalar_t>(ps, [&](auto vec, auto walk) {
-        launch_grouped<acc_t, decltype(vec)::value, decltype(walk)::value>(ps, a.L, sizeof(scalar_t), stats_op, fin,
-                                                                           affine_op, a.input);
-      });
-    } else {
-      const Plan pm = map_plan(a.L, access, /*reverse=*/true);  // starts where the statistics ended: still in L2
-      const Tensor workspace = partial_workspace<acc_t>(ps, a.input);
-      dispatch_plan<scalar_t>(ps, [&](auto vec, auto walk) {
-        launch_sums<acc_t, decltype(vec)::value, decltype(walk)::value>(ps, stats_op, fin, workspace);
-        launch_map<acc_t, decltype(vec)::value, decltype(walk)::value>(pm, affine_op);
-      });
-    }
+    dispatch_plan<scalar_t>(ps, [&](auto vec, auto walk) {
+      launch_sums_then_map<acc_t, decltype(vec)::value, decltype(walk)::value>(ps, a.L, access, sizeof(scalar_t), stats_op,
+                                                                               fin, affine_op, a.input);
+    });
   });
   a.finish();
   return {out, mean, invstd};

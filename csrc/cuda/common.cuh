@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 
@@ -165,9 +166,11 @@ inline int vector_width(const Layout& L, int64_t element_size, std::initializer_
   return 1;
 }
 
-inline bool plane_groups_enabled() {
-  const char* v = std::getenv("BNX_CUDA_PLANE_GROUPS");
-  return v != nullptr && v[0] == '1' && v[1] == '\0';
+// Whether environment variable `name` is exactly `value` (the opt-in switches, read per call so that tests
+// and the benchmark can flip them within one process).
+inline bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
 }
 
 // The walk and vector width for a layout and the pointers a pass touches: kPlaneGroups where it gives NCHW
@@ -177,7 +180,7 @@ inline Access choose_access(const Layout& L, int64_t element_size, std::initiali
   a.walk = L.channels_last ? kRows : kPlanes;
   a.V = vector_width(L, element_size, ptrs);
   const int64_t v16 = 16 / element_size;
-  if (L.channels_last || a.V >= v16 || v16 < 2 || L.inner > kThreads || L.C % v16 != 0 || !plane_groups_enabled())
+  if (L.channels_last || a.V >= v16 || v16 < 2 || L.inner > kThreads || L.C % v16 != 0 || !env_is("BNX_CUDA_PLANE_GROUPS", "1"))
     return a;
   for (const void* p : ptrs)
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return a;
@@ -234,6 +237,12 @@ inline Plan make_plan(const Layout& L, Access a, int ctas_per_sm, int min_vecs_p
   p.ty = kThreads / p.tx;
   split_rows(p, ceil_div(static_cast<int64_t>(num_sms()) * ctas_per_sm, p.grid_x), min_vecs_per_thread);
   return p;
+}
+
+// Channels in one tile column: one (NCHW planes), V (plane groups), blockDim.x * V (rows; the last column
+// may be cut short by C).
+__host__ __device__ __forceinline__ int64_t channels_per_tile(const Plan& p) {
+  return p.walk == kRows ? static_cast<int64_t>(p.tx) * p.V : p.walk == kPlaneGroups ? p.V : 1;
 }
 
 // Plans of the two kernel shapes. A sums kernel ends with a block reduction and a partial-sum write, so
@@ -540,6 +549,7 @@ __device__ __forceinline__ T load_coherent(const T* p) {
   return __ldcg(p);
 #endif
 }
+
 struct Groups {
   int64_t tiles_per_group = 1;
   int64_t count = 1;
@@ -555,32 +565,34 @@ __device__ __forceinline__ void grid_sync() {
 
 // The channels [c0, c1) of tile columns [x0, x1).
 __device__ __forceinline__ void tile_channels(const Plan& p, int64_t x0, int64_t x1, int64_t& c0, int64_t& c1) {
-  if (p.walk == kRows) {
-    const int64_t width = static_cast<int64_t>(p.tx) * p.V;
-    c0 = x0 * width;
-    c1 = ::min(p.C, x1 * width);
-  } else if (p.walk == kPlaneGroups) {
-    c0 = x0 * p.V;
-    c1 = x1 * p.V;
-  } else {
-    c0 = x0;
-    c1 = x1;
-  }
+  const int64_t width = channels_per_tile(p);
+  c0 = x0 * width;
+  c1 = ::min(p.C, x1 * width);
 }
 
-// Maps tile t with the finished values of its channels (fin's outputs, written earlier in this launch) copied
-// into local_a / local_b.
+// Maps tile t with its channels' finished values in local_a / local_b, which fill(c0, c1, a, b) writes
+// first; a and b index local_a / local_b by channel c in [c0, c1).
+template <typename acc_t, int V, int W, typename MapOp, typename Fill>
+__device__ __forceinline__ void map_from_local(const Plan& p, Tile t, const MapOp& mop, acc_t* local_a, acc_t* local_b,
+                                               Fill&& fill) {
+  int64_t c0, c1;
+  tile_channels(p, t.x, t.x + 1, c0, c1);
+  acc_t* a = local_a - c0;
+  acc_t* b = local_b - c0;
+  fill(c0, c1, a, b);
+  __syncthreads();
+  map_tile<acc_t, V, W>(p, t, local_map(mop, a, b));
+  __syncthreads();  // local_a / local_b are rewritten for the next tile
+}
+
+// map_from_local with what fin wrote earlier in this launch, copied past L1.
 template <typename acc_t, int V, int W, typename Fin, typename MapOp>
 __device__ __forceinline__ void map_staged(const Plan& p, Tile t, const Fin& fin, const MapOp& mop, acc_t* local_a,
                                            acc_t* local_b) {
-  int64_t c0, c1;
-  tile_channels(p, t.x, t.x + 1, c0, c1);
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  for (int64_t j = tid; j < c1 - c0; j += static_cast<int64_t>(blockDim.x) * blockDim.y)
-    finalized(fin, c0 + j, local_a[j], local_b[j]);
-  __syncthreads();
-  map_tile<acc_t, V, W>(p, t, local_map(mop, local_a - c0, local_b - c0));
-  __syncthreads();  // local_a / local_b are rewritten for the next tile
+  map_from_local<acc_t, V, W>(p, t, mop, local_a, local_b, [&](int64_t c0, int64_t c1, acc_t* a, acc_t* b) {
+    for (int64_t c = c0 + tid; c < c1; c += static_cast<int64_t>(blockDim.x) * blockDim.y) finalized(fin, c, a[c], b[c]);
+  });
 }
 
 template <typename acc_t, int V, int W, bool kOneBarrier, typename SumOp, typename Fin, typename MapOp>
@@ -614,25 +626,18 @@ __global__ void __launch_bounds__(kThreads) grouped_sums_map_kernel(Plan p, Grou
     if constexpr (kOneBarrier) {
       for (int64_t i = blockIdx.x; i < tiles; i += ctas) {
         const Tile t{x0 + i % nx, i / nx};
-        int64_t c0, c1;
-        tile_channels(p, t.x, t.x + 1, c0, c1);
-        // Pointers that index local_a / local_b by channel c in [c0, c1).
-        acc_t* a_by_channel = local_a - c0;
-        acc_t* b_by_channel = local_b - c0;
-        const Fin local_fin = local_finalize(fin, a_by_channel, b_by_channel);
-        if (warp < warps) {
+        map_from_local<acc_t, V, W>(p, t, mop, local_a, local_b, [&](int64_t c0, int64_t c1, acc_t* a, acc_t* b) {
+          if (warp >= warps) return;
+          const Fin local_fin = local_finalize(fin, a, b);
           for (int64_t c = c0 + warp; c < c1; c += warps) {
-            acc_t a, b;
-            reduce_channel(partial, p.splits, p.C, c, lane, a, b);
+            acc_t s1, s2;
+            reduce_channel(partial, p.splits, p.C, c, lane, s1, s2);
             if (lane == 0) {
-              local_fin(c, a, b);
-              if (t.y == 0) fin(c, a, b);
+              local_fin(c, s1, s2);
+              if (t.y == 0) fin(c, s1, s2);
             }
           }
-        }
-        __syncthreads();
-        map_tile<acc_t, V, W>(p, t, local_map(mop, a_by_channel, b_by_channel));
-        __syncthreads();  // local_a / local_b are rewritten for the next tile
+        });
       }
       continue;
     }
@@ -675,11 +680,6 @@ void launch_map(const Plan& p, const Op& op) {
   launch_kernel(&channel_map_kernel<acc_t, V, W, Op>, p.grid(), p.block(), p, op);
 }
 
-inline bool l2_groups_enabled() {
-  const char* v = std::getenv("BNX_CUDA_L2_GROUPS");
-  return v != nullptr && v[0] == '1' && v[1] == '\0';
-}
-
 inline int64_t l2_bytes() {
 #ifdef BNX_CUDA_EMULATION
   return emulation::l2_bytes();
@@ -715,10 +715,7 @@ int64_t resident_ctas(K kernel, int threads) {
 // split so that a group has about ctas_max tiles. Returns the plan; `groups` and `ctas` are set.
 inline Plan grouped_plan(Plan p, const Layout& L, int64_t input_bytes_per_element, int64_t ctas_max, Groups& groups,
                          int64_t& ctas) {
-  const int64_t column_elements = p.walk == kRows ? L.rows * p.tx * p.V
-                                  : p.walk == kPlaneGroups ? L.N * L.inner * p.V
-                                                           : L.N * L.inner;
-  const int64_t column_bytes = std::max<int64_t>(1, column_elements * input_bytes_per_element);
+  const int64_t column_bytes = std::max<int64_t>(1, L.rows * channels_per_tile(p) * input_bytes_per_element);
   groups.tiles_per_group = std::min<int64_t>(std::max<int64_t>(1, group_bytes() / column_bytes), p.grid_x);
   groups.count = ceil_div(p.grid_x, groups.tiles_per_group);
   p.reverse = false;
@@ -747,22 +744,31 @@ void launch_grouped_kernel(const Plan& sums, const Layout& L, int64_t input_byte
   launch_cooperative(kernel, dim3(static_cast<unsigned>(ctas)), p.block(), p, groups, sop, fin, mop, partial);
 }
 
-inline bool grouped_two_barriers() {
-  const char* v = std::getenv("BNX_CUDA_L2_GROUPS_BARRIERS");
-  return v != nullptr && v[0] == '2' && v[1] == '\0';
-}
-
 template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
 void launch_grouped(const Plan& sums, const Layout& L, int64_t input_bytes_per_element, const SumOp& sop,
                     const Fin& fin, const MapOp& mop, const at::Tensor& like) {
   // One barrier per group where a tile has few channels (NCHW), unless BNX_CUDA_L2_GROUPS_BARRIERS=2.
   if constexpr (W != kRows) {
-    if (!grouped_two_barriers()) {
+    if (!env_is("BNX_CUDA_L2_GROUPS_BARRIERS", "2")) {
       launch_grouped_kernel<acc_t, V, W, true>(sums, L, input_bytes_per_element, sop, fin, mop, like);
       return;
     }
   }
   launch_grouped_kernel<acc_t, V, W, false>(sums, L, input_bytes_per_element, sop, fin, mop, like);
+}
+
+// A sums pass (sop, fin) and the map pass (mop) that needs its results, over the tiles of the sums plan `ps`:
+// one grouped launch with BNX_CUDA_L2_GROUPS=1, else the two passes (and the finalize step) as separate
+// launches, the map walking in reverse so that it starts where the sums ended, still in L2.
+template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
+void launch_sums_then_map(const Plan& ps, const Layout& L, Access a, int64_t input_bytes_per_element, const SumOp& sop,
+                          const Fin& fin, const MapOp& mop, const at::Tensor& like) {
+  if (env_is("BNX_CUDA_L2_GROUPS", "1")) {
+    launch_grouped<acc_t, V, W>(ps, L, input_bytes_per_element, sop, fin, mop, like);
+    return;
+  }
+  launch_sums<acc_t, V, W>(ps, sop, fin, partial_workspace<acc_t>(ps, like));
+  launch_map<acc_t, V, W>(map_plan(L, a, /*reverse=*/true), mop);
 }
 
 // Calls f(std::integral_constant<int, V>, std::integral_constant<int, walk>) for the plan's vector width
