@@ -10,7 +10,8 @@
 // What it checks beyond the results: barriers that leave threads waiting forever (deadlock), shuffles whose
 // mask is not the full warp or whose warp has fewer than 32 live threads, and vector loads and stores not
 // aligned to their size (common.cuh's load_vec / store_vec) raise instead of hanging, reading garbage or
-// passing on x86 what would fault on a GPU.
+// passing on x86 what would fault on a GPU. Built with -fsanitize=address (tests/test_cuda_emulation.py does it
+// once), every global load and store outside a tensor is caught too (fiber switches are announced to ASan).
 // What it cannot check: timing, memory coalescing, races
 // between the threads of a block that do not synchronize (fibers switch only at barriers, so such a race
 // reads one fixed order); races between the blocks of a cooperative launch are real but not reproducible.
@@ -19,6 +20,11 @@
 #include <ucontext.h>
 
 #include <c10/util/Exception.h>
+
+#if defined(__SANITIZE_ADDRESS__)  // tests/test_cuda_emulation.py builds it with -fsanitize=address once
+#include <sanitizer/common_interface_defs.h>
+#define BNX_EMULATION_ASAN 1
+#endif
 
 #include <chrono>
 #include <cmath>
@@ -149,7 +155,10 @@ class Block {
         if (f.done) continue;
         running_ = static_cast<int>(t);
         threadIdx = f.tid;
+        void* fake_stack = nullptr;
+        before_switch(&fake_stack, f.stack, kStack);
         swapcontext(&scheduler_, &f.ctx);
+        after_switch(fake_stack, nullptr, nullptr);
         error = error_;
       }
       if (error.empty() && live_ > 0 && !progress_)
@@ -225,13 +234,35 @@ class Block {
     unsigned char slots[32][8];
   };
 
-  static void entry() {
-    Block* b = current();
-    b->body_();
-    b->finish();
+  // AddressSanitizer must be told of every switch between stacks (here the scheduler's, on the OS thread, and
+  // the fibers'), or it takes a fiber's frames for a huge stack and may report false positives.
+  static void before_switch(void** fake_stack, const void* bottom, size_t size) {
+#ifdef BNX_EMULATION_ASAN
+    __sanitizer_start_switch_fiber(fake_stack, bottom, size);
+#endif
+    (void)fake_stack, (void)bottom, (void)size;
+  }
+  static void after_switch(void* fake_stack, const void** bottom, size_t* size) {
+#ifdef BNX_EMULATION_ASAN
+    __sanitizer_finish_switch_fiber(fake_stack, bottom, size);
+#endif
+    (void)fake_stack, (void)bottom, (void)size;
   }
 
-  void yield() { swapcontext(&fibers_[running_].ctx, &scheduler_); }
+  static void entry() {
+    Block* b = current();
+    after_switch(nullptr, &b->scheduler_stack_, &b->scheduler_stack_size_);
+    b->body_();
+    b->finish();
+    before_switch(nullptr, b->scheduler_stack_, b->scheduler_stack_size_);  // this fiber's stack is done
+  }
+
+  void yield() {
+    void* fake_stack = nullptr;
+    before_switch(&fake_stack, scheduler_stack_, scheduler_stack_size_);
+    swapcontext(&fibers_[running_].ctx, &scheduler_);
+    after_switch(fake_stack, nullptr, nullptr);
+  }
 
   [[noreturn]] void fail(const std::string& message) {
     if (error_.empty()) error_ = message;
@@ -275,6 +306,8 @@ class Block {
   std::vector<Fiber> fibers_;
   std::vector<Warp> warps_;
   ucontext_t scheduler_;
+  const void* scheduler_stack_ = nullptr;  // the scheduler's stack, for AddressSanitizer
+  size_t scheduler_stack_size_ = 0;
   Barrier block_barrier_;
   int live_ = 0;
   int running_ = 0;
