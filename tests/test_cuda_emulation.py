@@ -4,20 +4,18 @@ The csrc/cuda/*.cu files are compiled as C++ with BNX_CUDA_EMULATION (every CUDA
 turn, __syncthreads and warp shuffles switching fibers) into a test-only library, `bnx_cuda_emulation`,
 whose ops take CPU tensors. So on a machine without a GPU (CI) the CUDA kernels' walks, vector offsets,
 per-lane channels, block and split reductions and launch plans are still tested, against bnx's CPU ops
-(themselves tested against torch) and float64 references; the last test runs them all again with the kernels
-built with AddressSanitizer and UndefinedBehaviorSanitizer, so an access outside a tensor or an overflowing
-index fails even where the values come out right. Not tested here: speed, races between unsynchronized
+(themselves tested against torch) and float64 references (tests/test_sanitizers.py runs them all again with the kernels built
+with AddressSanitizer and UndefinedBehaviorSanitizer, so an access outside a tensor or an overflowing index
+fails even where the values come out right). Not tested here: speed, races between unsynchronized
 threads; tests/test_cuda.py and the CUDA cases of the other tests run on a GPU.
 
 BNX_EMULATED_SMS sets the SM count the plans see (small by default, so small tensors still get channels
 split across CTAs and the finalize kernel); BNX_CUDA_PLANE_GROUPS=1 turns on the plane-groups walk;
-BNX_EMULATION_SANITIZE=address,undefined builds the emulated library with those sanitizers (what the last test
-sets in its child process, with the runtime preloaded).
+BNX_EMULATION_SANITIZE=address,undefined builds the emulated library with those sanitizers (what
+`scripts/sanitize.sh emulation` sets, with the runtime preloaded).
 """
 import functools
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -320,40 +318,3 @@ def test_emulated_training_forward_backward_against_float64(emu, monkeypatch):
         tol = 2e-2 if got.dtype == torch.bfloat16 else 1e-4
         torch.testing.assert_close(got.double() / scale, want.detach() / scale, atol=tol, rtol=tol, msg=name)
 
-
-# --- memory safety ------------------------------------------------------------------------------------
-
-def _sanitizer_runtime(name):
-    """The path of the compiler's sanitizer runtime `name` (what cpp_extension's compiler links), or None."""
-    cxx = os.environ.get("CXX", "c++")
-    try:
-        path = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True,
-                              timeout=60).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return path if os.path.isabs(path) and os.path.exists(path) else None
-
-
-@pytest.mark.skipif(bool(os.environ.get("BNX_EMULATION_SANITIZE")), reason="this process is the sanitized run")
-def test_emulated_kernels_under_address_and_undefined_behavior_sanitizers():
-    """Every case of this file again, in a child process whose emulated kernels are built with
-    -fsanitize=address,undefined: a read or write outside a tensor, even a load whose value is never used
-    (which the value checks above cannot see, and which is an illegal address on a GPU), or a signed
-    overflow in index arithmetic, fails it with the sanitizer's report. (A deliberate extra, masked load in
-    load_batch passes every value check and fails here: past the end of a channels-last input, and from an
-    unset offset in the plane walk; so does a signed overflow planted in it.) Not covered: `__shared__`
-    arrays, which are thread_local variables here and get no redzones."""
-    asan, libstdcxx = _sanitizer_runtime("libasan.so"), _sanitizer_runtime("libstdc++.so")
-    if asan is None or libstdcxx is None:
-        pytest.skip("the compiler has no AddressSanitizer runtime")
-    env = dict(os.environ, BNX_EMULATION_SANITIZE="address,undefined",
-               # The runtime must come first; libstdc++ too, or ASan cannot find the real __cxa_throw.
-               LD_PRELOAD=f"{asan} {libstdcxx}", ASAN_OPTIONS="detect_leaks=0", UBSAN_OPTIONS="print_stacktrace=1")
-    # -s: a sanitizer's report goes to stderr and the child dies with it; pytest's capture would lose it.
-    r = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-s", "-p", "no:cacheprovider"],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=1500)
-    report = [ln for ln in (r.stdout + r.stderr).splitlines()
-              if "Sanitizer" in ln or "runtime error" in ln or "passed" in ln or "failed" in ln
-              or ln.startswith(("FAILED", "E ", "    #0 ", "SUMMARY"))]
-    assert r.returncode == 0 and "passed" in r.stdout, "\n".join(report[-40:] or (r.stdout + r.stderr)[-4000:].splitlines())
-    assert "ERROR: AddressSanitizer" not in r.stderr and "runtime error" not in r.stderr, "\n".join(report[-40:])
