@@ -34,6 +34,18 @@ Tensor channel_tensor(const std::vector<double>& v, const Tensor& like) {
   return out;
 }
 
+// A C-long tensor of `dtype` with value(c) in each channel (the parameter gradients: written directly, not with
+// tensor ops, which cost more than the whole backward on small inputs).
+template <typename F>
+Tensor channel_result(int64_t C, at::ScalarType dtype, const Tensor& like, const F& value) {
+  Tensor out = at::empty({C}, like.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "batch_norm_param_grad_cpu", [&] {
+    scalar_t* p = out.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) p[c] = static_cast<scalar_t>(value(c));
+  });
+  return out;
+}
+
 // running = (1 - f) * running + f * value per channel, in double, with f = momentum or
 // 1 / num_batches_tracked. Written as one loop: the running tensors may have any floating dtype and
 // strides, so they are read and written through an accessor.
@@ -152,14 +164,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_forward_cpu(
 // Per-channel sum(dy) and sum(dy * (x - mean)); when dx_scale is given, also writes dx = dx_scale[c] * dy
 // in the same pass (the frozen-statistics backward).
 template <typename scalar_t, typename opmath_t>
-void backward_sums(const Layout& L, const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+void backward_sums(const Layout& L, const Tensor& grad_out, const Tensor& input, const opmath_t* mu,
                    std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu, const opmath_t* dx_scale,
                    scalar_t* dx) {
-  const auto mu = channel_values<opmath_t>(mean, L.C, 0);
   const scalar_t* x = input.const_data_ptr<scalar_t>();
   const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
   with_cpu_kernels([&](auto kernels) {
-    kernels.backward_sums(L, dy, x, mu.data(), dx_scale, dx, sum_dy, sum_dy_xmu);
+    kernels.backward_sums(L, dy, x, mu, dx_scale, dx, sum_dy, sum_dy_xmu);
   });
 }
 
@@ -185,39 +196,33 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cpu(const Tensor& grad_out
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_reduce_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     std::vector<double> s1, s2;
-    backward_sums<scalar_t, opmath_t>(a.L, a.grad_out, a.input, mean, s1, s2, nullptr, nullptr);
+    const auto mu = channel_values<opmath_t>(mean, a.L.C, 0);
+    backward_sums<scalar_t, opmath_t>(a.L, a.grad_out, a.input, mu.data(), s1, s2, nullptr, nullptr);
     sum_dy = channel_tensor<opmath_t>(s1, a.input);
     sum_dy_xmu = channel_tensor<opmath_t>(s2, a.input);
   });
   return {sum_dy, sum_dy_xmu};
 }
 
-// Batch-statistics grad_input: w*invstd*(dy - sum_dy/M - (x-mean)*invstd^2*sum_dy_xmu/M).
-Tensor batch_grad_input(const BackwardArgs& a, const Tensor& weight, const Tensor& mean, const Tensor& invstd,
-                        const Tensor& sum_dy, const Tensor& sum_dy_xmu, int64_t count) {
+// Batch-statistics grad_input: w*invstd*(dy - sum_dy/M - (x-mean)*invstd^2*sum_dy_xmu/M), from C-long arrays
+// of weight (gain = w * invstd), mean, invstd and the two sums.
+template <typename scalar_t, typename opmath_t>
+Tensor batch_grad_input(const BackwardArgs& a, const opmath_t* gain, const opmath_t* mu, const opmath_t* is,
+                        const opmath_t* sdy, const opmath_t* sdx, int64_t count) {
   Tensor dx = at::empty_like(a.input, a.L.format);
   if (count == 0) return dx;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_elemt_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const int64_t C = a.L.C;
-    const auto w = channel_values<opmath_t>(weight, C, 1);
-    const auto mu = channel_values<opmath_t>(mean, C, 0);
-    const auto is = channel_values<opmath_t>(invstd, C, 1);
-    const auto sdy = channel_values<opmath_t>(sum_dy, C, 0);
-    const auto sdx = channel_values<opmath_t>(sum_dy_xmu, C, 0);
-    std::vector<opmath_t> gain(C), xmu_coef(C), offset(C);
-    const opmath_t inv_count = opmath_t(1) / static_cast<opmath_t>(count);
-    for (int64_t c = 0; c < C; ++c) {
-      gain[c] = w[c] * is[c];
-      xmu_coef[c] = -gain[c] * is[c] * is[c] * sdx[c] * inv_count;
-      offset[c] = -gain[c] * sdy[c] * inv_count;
-    }
-    const scalar_t* x = a.input.const_data_ptr<scalar_t>();
-    const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
-    scalar_t* out = dx.mutable_data_ptr<scalar_t>();
-    with_cpu_kernels([&](auto kernels) {
-      kernels.grad_input_map(a.L, dy, x, mu.data(), gain.data(), xmu_coef.data(), offset.data(), out);
-    });
+  const int64_t C = a.L.C;
+  std::vector<opmath_t> xmu_coef(C), offset(C);
+  const opmath_t inv_count = opmath_t(1) / static_cast<opmath_t>(count);
+  for (int64_t c = 0; c < C; ++c) {
+    xmu_coef[c] = -gain[c] * is[c] * is[c] * sdx[c] * inv_count;
+    offset[c] = -gain[c] * sdy[c] * inv_count;
+  }
+  const scalar_t* x = a.input.const_data_ptr<scalar_t>();
+  const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
+  scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+  with_cpu_kernels([&](auto kernels) {
+    kernels.grad_input_map(a.L, dy, x, mu, gain, xmu_coef.data(), offset.data(), out);
   });
   return dx;
 }
@@ -230,7 +235,20 @@ Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_out_, const Tensor& inpu
   check_channel_tensor(sum_dy, "sum_dy", input_);
   check_channel_tensor(sum_dy_xmu, "sum_dy_xmu", input_);
   check_count(count);
-  return batch_grad_input(a, value_or_undefined(weight), mean, invstd, sum_dy, sum_dy_xmu, count);
+  Tensor dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_elemt_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const int64_t C = a.L.C;
+    const auto w = channel_values<opmath_t>(value_or_undefined(weight), C, 1);
+    const auto mu = channel_values<opmath_t>(mean, C, 0);
+    const auto is = channel_values<opmath_t>(invstd, C, 1);
+    const auto sdy = channel_values<opmath_t>(sum_dy, C, 0);
+    const auto sdx = channel_values<opmath_t>(sum_dy_xmu, C, 0);
+    std::vector<opmath_t> gain(C);
+    for (int64_t c = 0; c < C; ++c) gain[c] = w[c] * is[c];
+    dx = batch_grad_input<scalar_t, opmath_t>(a, gain.data(), mu.data(), is.data(), sdy.data(), sdx.data(), count);
+  });
+  return dx;
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_out_, const Tensor& input_,
@@ -242,10 +260,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
   const Tensor weight = value_or_undefined(weight_);
   check_channel_tensor(weight, "weight", input_);
   const Formula formula = parse_formula(formula_);
-  const auto grad_param_options = a.input.options().dtype(param_grad_dtype(weight, a.input));
-  Tensor grad_input = at::empty({0}, a.input.options());
-  Tensor grad_weight = at::empty({0}, grad_param_options);
-  Tensor grad_bias = at::empty({0}, grad_param_options);
+  const at::ScalarType param_dtype = param_grad_dtype(weight, a.input);
+  Tensor grad_input, grad_weight, grad_bias;
   const bool need_sums = output_mask[1] || output_mask[2] || (formula == Formula::Batch && output_mask[0]);
   // (The batch formula's grad_input comes from batch_grad_input.)
   if (output_mask[0] && formula == Formula::Frozen) grad_input = at::empty_like(a.input, a.L.format);
@@ -260,19 +276,30 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
     scalar_t* frozen_dx = (formula == Formula::Frozen && output_mask[0]) ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
     if (need_sums) {
       std::vector<double> s1, s2;
-      backward_sums<scalar_t, opmath_t>(a.L, a.grad_out, a.input, mean, s1, s2, gain.data(), frozen_dx);
-      const Tensor sum_dy = channel_tensor<opmath_t>(s1, a.input);
-      const Tensor sum_dy_xmu = channel_tensor<opmath_t>(s2, a.input);
-      if (output_mask[1]) grad_weight = (sum_dy_xmu * invstd.to(sum_dy_xmu.scalar_type())).to(grad_param_options.dtype());
-      if (output_mask[2]) grad_bias = sum_dy.to(grad_param_options.dtype());
+      const auto mu = channel_values<opmath_t>(mean, C, 0);
+      backward_sums<scalar_t, opmath_t>(a.L, a.grad_out, a.input, mu.data(), s1, s2, gain.data(), frozen_dx);
+      // The sums in opmath, as batch_norm_backward_reduce returns them (the same arithmetic as that op
+      // followed by batch_norm_backward_elemt).
+      std::vector<opmath_t> sdy(C), sdx(C);
+      for (int64_t c = 0; c < C; ++c) {
+        sdy[c] = static_cast<opmath_t>(s1[c]);
+        sdx[c] = static_cast<opmath_t>(s2[c]);
+      }
+      if (output_mask[1]) grad_weight = channel_result(C, param_dtype, a.input, [&](int64_t c) { return sdx[c] * is[c]; });
+      if (output_mask[2]) grad_bias = channel_result(C, param_dtype, a.input, [&](int64_t c) { return sdy[c]; });
       if (formula == Formula::Batch && output_mask[0]) {
-        grad_input = batch_grad_input(a, weight, mean, invstd, sum_dy, sum_dy_xmu, a.L.rows);
+        grad_input = batch_grad_input<scalar_t, opmath_t>(a, gain.data(), mu.data(), is.data(), sdy.data(),
+                                                          sdx.data(), a.L.rows);
       }
     } else if (frozen_dx != nullptr) {
       const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
       with_cpu_kernels([&](auto kernels) { kernels.scale_map(a.L, dy, gain.data(), frozen_dx); });
     }
   });
+  // What was not asked for comes back empty.
+  if (!grad_input.defined()) grad_input = at::empty({0}, a.input.options());
+  if (!grad_weight.defined()) grad_weight = at::empty({0}, a.input.options().dtype(param_dtype));
+  if (!grad_bias.defined()) grad_bias = at::empty({0}, a.input.options().dtype(param_dtype));
   return {grad_input, grad_weight, grad_bias};
 }
 
