@@ -5,6 +5,8 @@
 #   cli    - python -m bnx explain / check on CUDA
 #   bench  - the benchmark; arguments after "--" go to it
 #   groups - the training passes with the opt-in walks off and on (BNX_CUDA_PLANE_GROUPS, BNX_CUDA_L2_GROUPS)
+#   sanitize - compute-sanitizer memcheck and racecheck on the fused passes (small shapes; not in the default
+#            stages: it costs device time; the GPU counterpart of scripts/sanitize.sh)
 # Logs and results go to $OUT (./out when OUT is unset). Without a GPU it says so and does nothing.
 #   OUT=... bash scripts/gpu_check.sh build tests cli
 #   OUT=... bash scripts/gpu_check.sh bench -- --compile-budget 90
@@ -88,6 +90,21 @@ run_groups() {
   done
 }
 
+run_sanitize() {
+  # memcheck: any access outside an allocation (the caching allocator off, so that each tensor is its own
+  # allocation); racecheck: shared-memory races, which the CPU emulation cannot see. Both slow kernels down
+  # by orders of magnitude, hence small shapes (ids shape0-4: up to (5,16,14,14)) and three of the five walk
+  # configurations; SANITIZE_TESTS overrides the -k expression.
+  local k="${SANITIZE_TESTS:-test_fused_passes_match_reference and (default or both or two_barriers) and not shape5 and not shape6}"
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 10 ${SANITIZE_TIMEOUT:-150} \
+      compute-sanitizer --tool "$tool" --error-exitcode 99 \
+      "$PY" -m pytest tests/test_cuda.py -q -x -p no:cacheprovider -k "$k" > "$OUT/sanitize-$tool.log" 2>&1
+    echo "sanitize $tool rc=$? (99: the sanitizer found errors)" | tee -a "$OUT/sanitize-$tool.log"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|^========= [A-Z]|passed|failed" "$OUT/sanitize-$tool.log" | head -n 12
+  done
+}
+
 for s in "${stages[@]}"; do
   echo "== $s"
   case "$s" in
@@ -96,6 +113,7 @@ for s in "${stages[@]}"; do
     cli) run_cli ;;
     bench) run_bench "$@" ;;
     groups) run_groups ;;
+    sanitize) run_sanitize ;;
     *) echo "gpu_check: unknown stage $s"; exit 2 ;;
   esac
 done
