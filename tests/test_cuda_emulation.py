@@ -4,9 +4,9 @@ The csrc/cuda/*.cu files are compiled as C++ with BNX_CUDA_EMULATION (every CUDA
 turn, __syncthreads and warp shuffles switching fibers) into a test-only library, `bnx_cuda_emulation`,
 whose ops take CPU tensors. So on a machine without a GPU (CI) the CUDA kernels' walks, vector offsets,
 per-lane channels, block and split reductions and launch plans are still tested, against bnx's CPU ops
-(themselves tested against torch) and float64 references (tests/test_sanitizers.py runs them all again with the kernels built
-with AddressSanitizer and UndefinedBehaviorSanitizer, so an access outside a tensor or an overflowing index
-fails even where the values come out right). Not tested here: speed, races between unsynchronized
+(themselves tested against torch) and float64 references (tests/test_sanitizers.py runs them all again
+with the kernels built with AddressSanitizer and UndefinedBehaviorSanitizer, so an access outside a tensor
+or an overflowing index fails even where the values come out right). Not tested here: speed, races between unsynchronized
 threads; tests/test_cuda.py and the CUDA cases of the other tests run on a GPU.
 
 BNX_EMULATED_SMS sets the SM count the plans see (small by default, so small tensors still get channels
@@ -317,4 +317,3 @@ def test_emulated_training_forward_backward_against_float64(emu, monkeypatch):
         scale = want.detach().abs().max().clamp_min(1)
         tol = 2e-2 if got.dtype == torch.bfloat16 else 1e-4
         torch.testing.assert_close(got.double() / scale, want.detach() / scale, atol=tol, rtol=tol, msg=name)
-

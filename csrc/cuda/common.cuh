@@ -725,48 +725,43 @@ inline Plan grouped_plan(Plan p, const Layout& L, int64_t input_bytes_per_elemen
 }
 
 // Runs the sums pass (sop, fin) and then the map pass (mop) over `p`'s tiles as one grouped cooperative
-// launch (see grouped_sums_map_kernel and grouped_plan). Falls back to launch_sums and launch_map when the
-// kernel cannot be resident.
+// launch (see grouped_sums_map_kernel and grouped_plan). Launches nothing and returns false when the kernel
+// cannot be resident.
 template <typename acc_t, int V, int W, bool kOneBarrier, typename SumOp, typename Fin, typename MapOp>
-void launch_grouped_kernel(const Plan& sums, const Layout& L, int64_t input_bytes_per_element, const SumOp& sop,
+bool launch_grouped_kernel(const Plan& sums, const Layout& L, int64_t input_bytes_per_element, const SumOp& sop,
                            const Fin& fin, const MapOp& mop, const at::Tensor& like) {
   auto kernel = &grouped_sums_map_kernel<acc_t, V, W, kOneBarrier, SumOp, Fin, MapOp>;
   Groups groups;
   int64_t ctas = 0;
   const Plan p = grouped_plan(sums, L, input_bytes_per_element, resident_ctas(kernel, sums.tx * sums.ty), groups, ctas);
+  if (ctas < 1) return false;
   const at::Tensor workspace = partial_workspace<acc_t>(p, like);
-  if (ctas < 1) {
-    launch_sums<acc_t, V, W>(p, sop, fin, workspace);
-    launch_map<acc_t, V, W>(p, mop);
-    return;
-  }
   acc_t* partial = p.splits > 1 ? workspace.mutable_data_ptr<acc_t>() : nullptr;
   launch_cooperative(kernel, dim3(static_cast<unsigned>(ctas)), p.block(), p, groups, sop, fin, mop, partial);
+  return true;
 }
 
 template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
-void launch_grouped(const Plan& sums, const Layout& L, int64_t input_bytes_per_element, const SumOp& sop,
+bool launch_grouped(const Plan& sums, const Layout& L, int64_t input_bytes_per_element, const SumOp& sop,
                     const Fin& fin, const MapOp& mop, const at::Tensor& like) {
   // One barrier per group where a tile has few channels (NCHW), unless BNX_CUDA_L2_GROUPS_BARRIERS=2.
   if constexpr (W != kRows) {
-    if (!env_is("BNX_CUDA_L2_GROUPS_BARRIERS", "2")) {
-      launch_grouped_kernel<acc_t, V, W, true>(sums, L, input_bytes_per_element, sop, fin, mop, like);
-      return;
-    }
+    if (!env_is("BNX_CUDA_L2_GROUPS_BARRIERS", "2"))
+      return launch_grouped_kernel<acc_t, V, W, true>(sums, L, input_bytes_per_element, sop, fin, mop, like);
   }
-  launch_grouped_kernel<acc_t, V, W, false>(sums, L, input_bytes_per_element, sop, fin, mop, like);
+  return launch_grouped_kernel<acc_t, V, W, false>(sums, L, input_bytes_per_element, sop, fin, mop, like);
 }
 
 // A sums pass (sop, fin) and the map pass (mop) that needs its results, over the tiles of the sums plan `ps`:
-// one grouped launch with BNX_CUDA_L2_GROUPS=1, else the two passes (and the finalize step) as separate
-// launches, the map walking in reverse so that it starts where the sums ended, still in L2.
+// one grouped launch with BNX_CUDA_L2_GROUPS=1 (where the kernel can be resident), else the two passes (and
+// the finalize step) as separate launches, the map walking in reverse so that it starts where the sums
+// ended, still in L2.
 template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
 void launch_sums_then_map(const Plan& ps, const Layout& L, Access a, int64_t input_bytes_per_element, const SumOp& sop,
                           const Fin& fin, const MapOp& mop, const at::Tensor& like) {
-  if (env_is("BNX_CUDA_L2_GROUPS", "1")) {
-    launch_grouped<acc_t, V, W>(ps, L, input_bytes_per_element, sop, fin, mop, like);
+  if (env_is("BNX_CUDA_L2_GROUPS", "1") &&
+      launch_grouped<acc_t, V, W>(ps, L, input_bytes_per_element, sop, fin, mop, like))
     return;
-  }
   launch_sums<acc_t, V, W>(ps, sop, fin, partial_workspace<acc_t>(ps, like));
   launch_map<acc_t, V, W>(map_plan(L, a, /*reverse=*/true), mop);
 }

@@ -10,8 +10,8 @@
 // What it checks beyond the results: barriers that leave threads waiting forever (deadlock), shuffles whose
 // mask is not the full warp or whose warp has fewer than 32 live threads, and vector loads and stores not
 // aligned to their size (common.cuh's load_vec / store_vec) raise instead of hanging, reading garbage or
-// passing on x86 what would fault on a GPU. Built with -fsanitize=address (tests/test_cuda_emulation.py does it
-// once), every global load and store outside a tensor is caught too (fiber switches are announced to ASan).
+// passing on x86 what would fault on a GPU. Built with -fsanitize=address (`scripts/sanitize.sh emulation`),
+// every global load and store outside a tensor is caught too (fiber switches are announced to ASan).
 // What it cannot check: timing, memory coalescing, races
 // between the threads of a block that do not synchronize (fibers switch only at barriers, so such a race
 // reads one fixed order); races between the blocks of a cooperative launch are real but not reproducible.
@@ -21,7 +21,7 @@
 
 #include <c10/util/Exception.h>
 
-#if defined(__SANITIZE_ADDRESS__)  // tests/test_cuda_emulation.py builds it with -fsanitize=address once
+#if defined(__SANITIZE_ADDRESS__)  // scripts/sanitize.sh emulation builds it with -fsanitize=address
 #include <sanitizer/common_interface_defs.h>
 #define BNX_EMULATION_ASAN 1
 #endif
@@ -347,7 +347,6 @@ inline void launch_cooperative(dim3 grid, dim3 block, const std::function<void()
   GridBarrier barrier(static_cast<int>(blocks));
   std::vector<std::thread> threads;
   std::vector<std::exception_ptr> errors(blocks);
-  std::mutex start;
   for (unsigned b = 0; b < blocks; ++b) {
     threads.emplace_back([&, b] {
       gridDim = grid;
