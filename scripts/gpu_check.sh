@@ -10,12 +10,25 @@
 # Logs and results go to $OUT (./out when OUT is unset). Without a GPU it says so and does nothing.
 #   OUT=... bash scripts/gpu_check.sh build tests cli
 #   OUT=... bash scripts/gpu_check.sh bench -- --compile-budget 90
+# BUDGET_S caps the whole run: each stage's timeout is cut to the seconds left, and a stage with less than
+# 20 s left is skipped (device time is counted per session). PACK=FILE.tgz packs $OUT into one archive after
+# every stage, so that a run stopped later still returns what it had (the device tool returns 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+DEADLINE=$(( $(date +%s) + ${BUDGET_S:-100000} ))
+
+# The smaller of a stage's own timeout and the seconds left before BUDGET_S runs out.
+# (At least 1: "timeout 0" would mean no limit.)
+cap() {
+  local left=$(( DEADLINE - $(date +%s) ))
+  [ "$left" -lt 1 ] && left=1
+  [ "$1" -lt "$left" ] && echo "$1" || echo "$left"
+}
+[ -n "${PACK:-}" ] && trap 'tar czf "$PACK" -C "$OUT" .' EXIT
 
 stages=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do stages+=("$1"); shift; done
@@ -37,7 +50,7 @@ run_build() {
   cat "$OUT/env.txt"
   local start=$(date +%s)
   MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} BNX_CUDA=1 \
-    timeout 300 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+    timeout "$(cap 300)" "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1
   local rc=$?
   echo "build rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/build.log"
   if [ $rc -ne 0 ]; then grep -E "error" "$OUT/build.log" | head -30; exit 1; fi
@@ -49,13 +62,13 @@ run_tests() {
   local workers=""
   "$PY" -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-8}"
   # SIGINT on timeout: pytest still prints what ran.
-  BNX_LARGE_TESTS=${BNX_LARGE_TESTS:-1} timeout -s INT -k 10 ${TEST_TIMEOUT:-170} "$PY" -m pytest tests -q -rfEs $workers \
-    -k "cuda and not compile and not emulation" -p no:cacheprovider > "$OUT/tests.log" 2>&1
+  BNX_LARGE_TESTS=${BNX_LARGE_TESTS:-1} timeout -s INT -k 10 "$(cap ${TEST_TIMEOUT:-170})" "$PY" -m pytest tests -q -rfEs $workers \
+    -k "cuda and not compile and not emulation and not sanitizers" -p no:cacheprovider > "$OUT/tests.log" 2>&1
   echo "tests rc=$? in $(( $(date +%s) - start )) s" | tee -a "$OUT/tests.log"
   tail -n 15 "$OUT/tests.log"
   # COMPILE_TEST_TIMEOUT=0 skips the torch.compile tests (about two minutes of device time).
   [ "${COMPILE_TEST_TIMEOUT:-120}" = "0" ] && { echo "compile tests skipped"; return; }
-  timeout -s INT -k 10 ${COMPILE_TEST_TIMEOUT:-120} "$PY" -m pytest tests -q -rfEs -k "cuda and compile" \
+  timeout -s INT -k 10 "$(cap ${COMPILE_TEST_TIMEOUT:-120})" "$PY" -m pytest tests -q -rfEs -k "cuda and compile" \
     -p no:cacheprovider > "$OUT/tests-compile.log" 2>&1
   echo "compile tests rc=$?" | tee -a "$OUT/tests-compile.log"
   tail -n 5 "$OUT/tests-compile.log"
@@ -71,7 +84,7 @@ run_cli() {
 
 run_bench() {
   local start=$(date +%s)
-  timeout -s INT -k 10 ${BENCH_TIMEOUT:-420} "$PY" -m bnx bench --device cuda --json "$OUT/bench.json" \
+  timeout -s INT -k 10 "$(cap ${BENCH_TIMEOUT:-420})" "$PY" -m bnx bench --device cuda --json "$OUT/bench.json" \
     --md "$OUT/bench.md" --plot "$OUT/bench.png" "$@" 2> "$OUT/bench-progress.log" | tee "$OUT/bench-summary.txt"
   echo "bench rc=${PIPESTATUS[0]} in $(( $(date +%s) - start )) s"
 }
@@ -82,8 +95,8 @@ run_groups() {
   # (GROUPS_CONFIGS, default "00 11"; "112": the grouped launch with two barriers per group everywhere).
   for cfg in ${GROUPS_CONFIGS:-00 11}; do
     BNX_CUDA_PLANE_GROUPS=${cfg:0:1} BNX_CUDA_L2_GROUPS=${cfg:1:1} BNX_CUDA_L2_GROUPS_BARRIERS=${cfg:2:1} \
-      timeout -s INT -k 10 ${GROUPS_TIMEOUT:-200} \
-      "$PY" -m bnx bench --device cuda --shapes "${GROUPS_SHAPES:-gpu}" --passes train_fwd,train_bwd,train_fwd_bwd \
+      timeout -s INT -k 10 "$(cap ${GROUPS_TIMEOUT:-200})" \
+      "$PY" -m bnx bench --device cuda --shapes "${GROUPS_SHAPES:-gpu}" --passes "${GROUPS_PASSES:-train_fwd,train_bwd,train_fwd_bwd}" \
       --peers native --json "$OUT/groups-$cfg.json" --md "$OUT/groups-$cfg.md" 2> "$OUT/groups-$cfg-progress.log" \
       | tee "$OUT/groups-$cfg-summary.txt" | head -n 20
     echo "groups $cfg rc=${PIPESTATUS[0]}"
@@ -97,7 +110,7 @@ run_sanitize() {
   # configurations; SANITIZE_TESTS overrides the -k expression.
   local k="${SANITIZE_TESTS:-test_fused_passes_match_reference and (default or both or two_barriers) and not shape5 and not shape6}"
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 10 ${SANITIZE_TIMEOUT:-150} \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 10 "$(cap ${SANITIZE_TIMEOUT:-150})" \
       compute-sanitizer --tool "$tool" --error-exitcode 99 \
       "$PY" -m pytest tests/test_cuda.py -q -x -p no:cacheprovider -k "$k" > "$OUT/sanitize-$tool.log" 2>&1
     echo "sanitize $tool rc=$? (99: the sanitizer found errors)" | tee -a "$OUT/sanitize-$tool.log"
@@ -106,7 +119,8 @@ run_sanitize() {
 }
 
 for s in "${stages[@]}"; do
-  echo "== $s"
+  if [ $(( DEADLINE - $(date +%s) )) -lt 20 ]; then echo "== $s skipped: BUDGET_S spent"; continue; fi
+  echo "== $s ($(( DEADLINE - $(date +%s) )) s left)"
   case "$s" in
     build) run_build ;;
     tests) run_tests ;;
@@ -116,4 +130,5 @@ for s in "${stages[@]}"; do
     sanitize) run_sanitize ;;
     *) echo "gpu_check: unknown stage $s"; exit 2 ;;
   esac
+  [ -n "${PACK:-}" ] && tar czf "$PACK" -C "$OUT" .
 done
