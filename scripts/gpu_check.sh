@@ -4,7 +4,7 @@
 #   tests  - every CUDA test case (pytest -k cuda), compile tests last, large (>2^31 elements) included
 #   cli    - python -m bnx explain / check on CUDA
 #   bench  - the benchmark; arguments after "--" go to it
-#   groups - the training passes with the opt-in walks off and on (BNX_CUDA_PLANE_GROUPS, BNX_CUDA_L2_GROUPS)
+#   groups - the training passes with each walk switch off and on (BNX_CUDA_PLANE_GROUPS, BNX_CUDA_L2_GROUPS)
 #   sanitize - compute-sanitizer memcheck and racecheck on the fused passes (small shapes; not in the default
 #            stages: it costs device time; the GPU counterpart of scripts/sanitize.sh)
 # Logs and results go to $OUT (./out when OUT is unset). Without a GPU it says so and does nothing.
@@ -90,10 +90,11 @@ run_bench() {
 }
 
 run_groups() {
-  # The opt-in walks against the default on the training passes, same machine, native in every run:
+  # Each walk switch against the defaults on the training passes, same machine, native in every run:
   # config "PL[B]" sets BNX_CUDA_PLANE_GROUPS=P, BNX_CUDA_L2_GROUPS=L and BNX_CUDA_L2_GROUPS_BARRIERS=B
-  # (GROUPS_CONFIGS, default "00 11"; "112": the grouped launch with two barriers per group everywhere).
-  for cfg in ${GROUPS_CONFIGS:-00 11}; do
+  # (GROUPS_CONFIGS, default "10 00 11": the defaults, plane groups off, the L2-grouped launch on; "112": the
+  # grouped launch with two barriers per group everywhere).
+  for cfg in ${GROUPS_CONFIGS:-10 00 11}; do
     BNX_CUDA_PLANE_GROUPS=${cfg:0:1} BNX_CUDA_L2_GROUPS=${cfg:1:1} BNX_CUDA_L2_GROUPS_BARRIERS=${cfg:2:1} \
       timeout -s INT -k 10 "$(cap ${GROUPS_TIMEOUT:-200})" \
       "$PY" -m bnx bench --device cuda --shapes "${GROUPS_SHAPES:-gpu}" --passes "${GROUPS_PASSES:-train_fwd,train_bwd,train_fwd_bwd}" \
@@ -108,7 +109,7 @@ run_sanitize() {
   # allocation); racecheck: shared-memory races, which the CPU emulation cannot see. Both slow kernels down
   # by orders of magnitude, hence small shapes (ids shape0-4: up to (5,16,14,14)) and three of the five walk
   # configurations; SANITIZE_TESTS overrides the -k expression.
-  local k="${SANITIZE_TESTS:-test_fused_passes_match_reference and (default or both or two_barriers) and not shape5 and not shape6}"
+  local k="${SANITIZE_TESTS:-test_fused_passes_match_reference and (default or l2_groups_plane_groups_off or two_barriers) and not shape5 and not shape6}"
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 10 "$(cap ${SANITIZE_TIMEOUT:-150})" \
       compute-sanitizer --tool "$tool" --error-exitcode 99 \

@@ -10,7 +10,8 @@ or an overflowing index fails even where the values come out right). Not tested 
 threads; tests/test_cuda.py and the CUDA cases of the other tests run on a GPU.
 
 BNX_EMULATED_SMS sets the SM count the plans see (small by default, so small tensors still get channels
-split across CTAs and the finalize kernel); BNX_CUDA_PLANE_GROUPS=1 turns on the plane-groups walk;
+split across CTAs and the finalize kernel); BNX_CUDA_PLANE_GROUPS=0 turns off the plane-groups walk (on by
+default);
 BNX_EMULATION_SANITIZE=address,undefined builds the emulated library with those sanitizers (what
 `scripts/sanitize.sh emulation` sets, with the runtime preloaded).
 """
@@ -59,11 +60,11 @@ def emu():
 
 
 CONFIGS = {  # name: (BNX_CUDA_PLANE_GROUPS, BNX_CUDA_L2_GROUPS, BNX_CUDA_L2_GROUPS_BARRIERS)
-    "default": ("0", "0", ""),
-    "plane_groups": ("1", "0", ""),
-    "l2_groups": ("0", "1", ""),
-    "l2_groups_two_barriers": ("0", "1", "2"),
-    "both": ("1", "1", ""),
+    "default": ("1", "0", ""),
+    "plane_groups_off": ("0", "0", ""),
+    "l2_groups": ("1", "1", ""),
+    "l2_groups_two_barriers": ("1", "1", "2"),
+    "l2_groups_plane_groups_off": ("0", "1", ""),
 }
 
 
@@ -121,29 +122,33 @@ def test_emulated_vector_access_must_be_aligned(emu):
 # --- launch plans ---------------------------------------------------------------------------------------
 
 PLAN_CASES = [
-    # shape, dtype, layout, plane groups on, expected (walk, V)
-    ((4, 16, 7, 7), torch.bfloat16, "nchw", True, (KGROUPS, 8)),
-    ((4, 16, 7, 7), torch.bfloat16, "nchw", False, (KPLANES, 1)),
-    ((4, 16, 7, 7), torch.float32, "nchw", True, (KGROUPS, 4)),
-    ((4, 16, 7, 7), torch.float64, "nchw", True, (KGROUPS, 2)),
-    ((4, 16, 14, 14), torch.bfloat16, "nchw", True, (KGROUPS, 8)),   # 196 % 8 = 4: 8-byte vectors without
-    ((4, 16, 14, 14), torch.bfloat16, "nchw", False, (KPLANES, 4)),
-    ((4, 16, 14, 14), torch.float32, "nchw", True, (KPLANES, 4)),    # 16-byte vectors divide the plane
-    ((4, 12, 7, 7), torch.bfloat16, "nchw", True, (KPLANES, 1)),     # C not a multiple of 8
-    ((4, 16, 17, 17), torch.bfloat16, "nchw", True, (KPLANES, 1)),   # plane over 256 elements
-    ((4, 16, 7, 7), torch.bfloat16, "cl", True, (KROWS, 8)),
-    ((6, 16), torch.float32, "nchw", True, (KROWS, 4)),
+    # shape, dtype, layout, BNX_CUDA_PLANE_GROUPS (None: unset, the default), expected (walk, V)
+    ((4, 16, 7, 7), torch.bfloat16, "nchw", "1", (KGROUPS, 8)),
+    ((4, 16, 7, 7), torch.bfloat16, "nchw", None, (KGROUPS, 8)),     # on by default
+    ((4, 16, 7, 7), torch.bfloat16, "nchw", "0", (KPLANES, 1)),
+    ((4, 16, 7, 7), torch.float32, "nchw", "1", (KGROUPS, 4)),
+    ((4, 16, 7, 7), torch.float64, "nchw", "1", (KGROUPS, 2)),
+    ((4, 16, 14, 14), torch.bfloat16, "nchw", "1", (KGROUPS, 8)),   # 196 % 8 = 4: 8-byte vectors without
+    ((4, 16, 14, 14), torch.bfloat16, "nchw", "0", (KPLANES, 4)),
+    ((4, 16, 14, 14), torch.float32, "nchw", "1", (KPLANES, 4)),    # 16-byte vectors divide the plane
+    ((4, 12, 7, 7), torch.bfloat16, "nchw", "1", (KPLANES, 1)),     # C not a multiple of 8
+    ((4, 16, 17, 17), torch.bfloat16, "nchw", "1", (KPLANES, 1)),   # plane over 256 elements
+    ((4, 16, 7, 7), torch.bfloat16, "cl", "1", (KROWS, 8)),
+    ((6, 16), torch.float32, "nchw", "1", (KROWS, 4)),
 ]
 
 
 @pytest.mark.parametrize("shape,dtype,layout,groups,expected", PLAN_CASES,
-                         ids=[f"{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}-{c[2]}-{'groups' if c[3] else 'default'}"
+                         ids=[f"{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}-{c[2]}-groups{c[3] or 'unset'}"
                               for c in PLAN_CASES])
 def test_plan_picks_the_walk(emu, monkeypatch, shape, dtype, layout, groups, expected):
-    """The ops' launch plan: plane groups (when enabled) exactly where NCHW planes get no 16-byte vector
-    and the group conditions hold (C a multiple of V, plane <= 256 elements); the CTA covers the group's
-    S vectors with kThreads // S batch entries at a time and one CTA per V channels."""
-    monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", "1" if groups else "0")
+    """The ops' launch plan: plane groups (unless BNX_CUDA_PLANE_GROUPS=0) exactly where NCHW planes get no
+    16-byte vector and the group conditions hold (C a multiple of V, plane <= 256 elements); the CTA covers
+    the group's S vectors with kThreads // S batch entries at a time and one CTA per V channels."""
+    if groups is None:
+        monkeypatch.delenv("BNX_CUDA_PLANE_GROUPS", raising=False)
+    else:
+        monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", groups)
     x = _tensor(shape, dtype, layout)
     walk, V, grid_x, splits, tx, ty, rows_per_split = emu.plan(x, "sums")
     assert (walk, V) == expected
@@ -257,15 +262,15 @@ def test_emulated_cuda_ops_match_cpu_ops(emu, config, dtype, shape, layout):
     """Every CUDA op (statistics with the running-statistics update, training forward, normalize,
     inference, gradient sums, batch grad_input, the fused backward with both formulas and several output
     masks), emulated, gives bnx's CPU ops' results: same dtypes, shapes and strides, values within the
-    accumulation-order tolerance. In every walk: the default ones, plane groups, and the L2-grouped
-    cooperative launch of the training forward and batch backward (a 64 KiB emulated L2, so these
-    tensors span several groups)."""
-    if config in ("plane_groups", "both") and layout == "cl":
+    accumulation-order tolerance. In every walk: the default ones (plane groups where they apply), plane
+    groups off, and the L2-grouped cooperative launch of the training forward and batch backward (a 64 KiB
+    emulated L2, so these tensors span several groups)."""
+    if config.endswith("plane_groups_off") and layout == "cl":
         pytest.skip("plane groups only concern NCHW planes")
     _assert_matches_cpu_ops(emu, _inputs(shape, dtype, layout), dtype)
 
 
-@pytest.mark.parametrize("config", ["default", "both"], indirect=True)
+@pytest.mark.parametrize("config", ["default", "l2_groups"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
 def test_emulated_ops_on_misaligned_input(emu, config, dtype):
     """An input one element into its storage (data pointer 2 or 4 bytes off a 16-byte boundary): the
