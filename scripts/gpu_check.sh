@@ -5,6 +5,8 @@
 #   cli    - python -m bnx explain / check on CUDA
 #   bench  - the benchmark; arguments after "--" go to it
 #   groups - the training passes with each walk switch off and on (BNX_CUDA_PLANE_GROUPS, BNX_CUDA_L2_GROUPS)
+#   plans  - other launch-plan sizes of the sums and map kernels against the defaults (BNX_CUDA_SUMS_PLAN,
+#            BNX_CUDA_MAP_PLAN; not in the default stages), compared case by case by benchmarks/compare_runs.py
 #   sanitize - compute-sanitizer memcheck and racecheck on the fused passes (small shapes; not in the default
 #            stages: it costs device time; the GPU counterpart of scripts/sanitize.sh)
 # Logs and results go to $OUT (./out when OUT is unset). Without a GPU it says so and does nothing.
@@ -104,6 +106,22 @@ run_groups() {
   done
 }
 
+run_plans() {
+  # PLANS_CONFIGS: entries "SUMS/MAP", each "ctas_per_sm,min_vecs_per_thread" or empty for the default
+  # (sums 8,16; map 16,4); the first entry is the baseline of the comparison.
+  local i=0 files=() cfg
+  for cfg in ${PLANS_CONFIGS:-/ 8,8/ 4,8/ 8,32/ /8,8 /32,4}; do
+    BNX_CUDA_SUMS_PLAN=${cfg%%/*} BNX_CUDA_MAP_PLAN=${cfg#*/} timeout -s INT -k 10 "$(cap ${PLANS_TIMEOUT:-60})" \
+      "$PY" -m bnx bench --device cuda --shapes "${PLANS_SHAPES:-launch;rn50-56;rn50-7}" \
+      --passes "${PLANS_PASSES:-train_fwd,train_bwd}" --peers native --json "$OUT/plans-$i.json" \
+      > "$OUT/plans-$i-summary.txt" 2> "$OUT/plans-$i-progress.log"
+    echo "plans $i ($cfg) rc=$?"
+    [ -f "$OUT/plans-$i.json" ] && files+=("$OUT/plans-$i.json")
+    i=$((i + 1))
+  done
+  [ ${#files[@]} -ge 2 ] && "$PY" benchmarks/compare_runs.py "${files[@]}" --md "$OUT/plans.md" | tail -n 70
+}
+
 run_sanitize() {
   # memcheck: any access outside an allocation (the caching allocator off, so that each tensor is its own
   # allocation); racecheck: shared-memory races, which the CPU emulation cannot see. Both slow kernels down
@@ -128,6 +146,7 @@ for s in "${stages[@]}"; do
     cli) run_cli ;;
     bench) run_bench "$@" ;;
     groups) run_groups ;;
+    plans) run_plans ;;
     sanitize) run_sanitize ;;
     *) echo "gpu_check: unknown stage $s"; exit 2 ;;
   esac

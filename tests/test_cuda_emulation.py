@@ -168,6 +168,24 @@ def test_plan_needs_aligned_pointers_for_plane_groups(emu, monkeypatch):
     assert tuple(emu.plan(base[:-1].view(4, 16, 7, 7), "sums")[:2]) == (KGROUPS, 4)
 
 
+def test_plan_sizes_can_be_overridden(emu, monkeypatch):
+    """BNX_CUDA_SUMS_PLAN / BNX_CUDA_MAP_PLAN ("ctas_per_sm,min_vecs_per_thread", for measuring other plans on
+    a GPU) change the split count of their kernel shape only; anything unparsable leaves the defaults."""
+    monkeypatch.setenv("BNX_EMULATED_SMS", "132")
+    x = _tensor((32, 64, 56, 56), torch.float32, "cl")
+    monkeypatch.delenv("BNX_CUDA_SUMS_PLAN", raising=False)
+    monkeypatch.delenv("BNX_CUDA_MAP_PLAN", raising=False)
+    sums, mapped = emu.plan(x, "sums")[3], emu.plan(x, "map")[3]
+    assert (sums, mapped) == (392, 1568)  # min 16 vectors per thread binds the sums, 16 CTAs per SM the map
+    monkeypatch.setenv("BNX_CUDA_SUMS_PLAN", "8,8")
+    assert (emu.plan(x, "sums")[3], emu.plan(x, "map")[3]) == (784, mapped)
+    monkeypatch.setenv("BNX_CUDA_MAP_PLAN", "8,4")
+    assert (emu.plan(x, "sums")[3], emu.plan(x, "map")[3]) == (784, 1046)  # about 8 x 132 (96 rows each)
+    for bad in ["", "8", "x,y", "0,8", "-1,4"]:
+        monkeypatch.setenv("BNX_CUDA_SUMS_PLAN", bad)
+        assert emu.plan(x, "sums")[3] == sums, bad
+
+
 @pytest.mark.parametrize("sms", ["1", "64"])
 def test_plan_split_count_follows_the_sm_count(emu, monkeypatch, sms):
     """With many SMs the batch is split across CTAs (a finalize kernel adds the partial sums); with one SM

@@ -26,10 +26,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "../common.h"
 
@@ -246,12 +248,26 @@ __host__ __device__ __forceinline__ int64_t channels_per_tile(const Plan& p) {
   return p.walk == kRows ? static_cast<int64_t>(p.tx) * p.V : p.walk == kPlaneGroups ? p.V : 1;
 }
 
+// (ctas_per_sm, min_vecs_per_thread) for a kernel shape: the defaults, or "A,B" from environment variable
+// `name` (for measuring other plans on a GPU without a rebuild).
+inline std::pair<int, int> plan_sizes(const char* name, int ctas_per_sm, int min_vecs_per_thread) {
+  const char* v = std::getenv(name);
+  int a = 0, b = 0;
+  if (v != nullptr && std::sscanf(v, "%d,%d", &a, &b) == 2 && a > 0 && b > 0) return {a, b};
+  return {ctas_per_sm, min_vecs_per_thread};
+}
+
 // Plans of the two kernel shapes. A sums kernel ends with a block reduction and a partial-sum write, so
 // it wants fewer, fatter CTAs; a map kernel has no epilogue and just wants the machine full. A map pass
 // that follows a sums pass over the same data walks in reverse (see block_tile).
-inline Plan sums_plan(const Layout& L, Access a) { return make_plan(L, a, 8, 16); }
+// BNX_CUDA_SUMS_PLAN / BNX_CUDA_MAP_PLAN override the sizes.
+inline Plan sums_plan(const Layout& L, Access a) {
+  const auto [ctas_per_sm, min_vecs] = plan_sizes("BNX_CUDA_SUMS_PLAN", 8, 16);
+  return make_plan(L, a, ctas_per_sm, min_vecs);
+}
 inline Plan map_plan(const Layout& L, Access a, bool reverse = false) {
-  Plan p = make_plan(L, a, 16, 4);
+  const auto [ctas_per_sm, min_vecs] = plan_sizes("BNX_CUDA_MAP_PLAN", 16, 4);
+  Plan p = make_plan(L, a, ctas_per_sm, min_vecs);
   p.reverse = reverse;
   return p;
 }
