@@ -217,6 +217,48 @@ def test_cpu_layers_script_runs():
         assert re.search(re.escape(name) + r"\s+forward\s+\S+ us\s+forward \+ backward\s+\S+ us", p.stdout), p.stdout
 
 
+def _bench_json(path, times, settings):
+    """A minimal bench JSON: times maps (pass, shape) to (bnx us, native us)."""
+    cases = [{"pass": ps, "dtype": "fp32", "layout": "nchw", "shape": list(shape),
+              "times_us": {"bnx": t, "native": n}} for (ps, shape), (t, n) in times.items()]
+    path.write_text(json.dumps({"env": {"bnx_settings": settings}, "cases": cases}))
+    return path
+
+
+def test_compare_runs_script(tmp_path):
+    """benchmarks/compare_runs.py: per case, bnx's time in each run and its ratio to the first run's;
+    the geomean over the cases every run has; the settings as labels."""
+    script = os.path.join(ROOT, "benchmarks", "compare_runs.py")
+    a = _bench_json(tmp_path / "a.json", {("train_fwd", (2, 4)): (10.0, 30.0), ("train_bwd", (2, 4)): (20.0, 40.0)},
+                    {"BNX_X": ""})
+    b = _bench_json(tmp_path / "b.json", {("train_fwd", (2, 4)): (5.0, 31.0), ("train_bwd", (2, 4)): (40.0, 41.0),
+                                          ("eval_fwd", (2, 4)): (1.0, 2.0)}, {"BNX_X": "1"})
+    md = tmp_path / "c.md"
+    p = subprocess.run([sys.executable, script, str(a), str(b), "--md", str(md)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "[0] BNX_X=" in p.stdout and "[1] BNX_X=1" in p.stdout
+    assert "| train_fwd | fp32 | nchw | 2,4 | 10.0 | 5.0 | 0.500 | 30.0 |" in p.stdout
+    assert "| train_bwd | fp32 | nchw | 2,4 | 20.0 | 40.0 | 2.000 | 40.0 |" in p.stdout
+    assert "eval_fwd" not in p.stdout  # not in every run
+    assert "over 2 cases: [0] 1.000, [1] 1.000" in p.stdout  # sqrt(0.5 * 2)
+    assert md.read_text().strip() == p.stdout.strip()
+    c = _bench_json(tmp_path / "c.json", {("eval_fwd", (9, 9)): (1.0, 1.0)}, {})
+    q = subprocess.run([sys.executable, script, str(a), str(c)], capture_output=True, text=True)
+    assert q.returncode != 0 and "no case in common" in q.stderr
+    q = subprocess.run([sys.executable, script, str(a), str(b), "--labels", "x"], capture_output=True, text=True)
+    assert q.returncode == 2 and "--labels has 1 names for 2 runs" in q.stderr
+
+
+@requires_cuda
+def test_profile_kernels_script_cuda():
+    """benchmarks/profile_kernels.py lists the kernels of both implementations (bnx's by name)."""
+    p = run_bnx("--shape", "4,8,6,6", "--iters", "2",
+                cmd=[sys.executable, os.path.join(ROOT, "benchmarks", "profile_kernels.py")])
+    assert p.returncode == 0, p.stderr
+    assert "== bnx: fp32 nhwc (4, 8, 6, 6)" in p.stdout and "== native:" in p.stdout
+    assert "channel_sums_kernel" in p.stdout
+
+
 def test_bench_importable():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
