@@ -94,9 +94,9 @@ run_bench() {
 run_groups() {
   # Each walk switch against the defaults on the training passes, same machine, native in every run:
   # config "PL[B]" sets BNX_CUDA_PLANE_GROUPS=P, BNX_CUDA_L2_GROUPS=L and BNX_CUDA_L2_GROUPS_BARRIERS=B
-  # (GROUPS_CONFIGS, default "10 00 11": the defaults, plane groups off, the L2-grouped launch on; "112": the
-  # grouped launch with two barriers per group everywhere).
-  for cfg in ${GROUPS_CONFIGS:-10 00 11}; do
+  # (GROUPS_CONFIGS, default "10 11 110": the defaults, the L2-grouped launch with one grid barrier per group
+  # in NCHW, and with none (per-group counts); "112": two barriers per group everywhere; "00": plane groups off).
+  for cfg in ${GROUPS_CONFIGS:-10 11 110}; do
     BNX_CUDA_PLANE_GROUPS=${cfg:0:1} BNX_CUDA_L2_GROUPS=${cfg:1:1} BNX_CUDA_L2_GROUPS_BARRIERS=${cfg:2:1} \
       timeout -s INT -k 10 "$(cap ${GROUPS_TIMEOUT:-200})" \
       "$PY" -m bnx bench --device cuda --shapes "${GROUPS_SHAPES:-gpu}" --passes "${GROUPS_PASSES:-train_fwd,train_bwd,train_fwd_bwd}" \
@@ -125,9 +125,9 @@ run_plans() {
 run_sanitize() {
   # memcheck: any access outside an allocation (the caching allocator off, so that each tensor is its own
   # allocation); racecheck: shared-memory races, which the CPU emulation cannot see. Both slow kernels down
-  # by orders of magnitude, hence small shapes (ids shape0-4: up to (5,16,14,14)) and three of the five walk
+  # by orders of magnitude, hence small shapes (ids shape0-4: up to (5,16,14,14)) and four of the six walk
   # configurations; SANITIZE_TESTS overrides the -k expression.
-  local k="${SANITIZE_TESTS:-test_fused_passes_match_reference and (default or l2_groups_plane_groups_off or two_barriers) and not shape5 and not shape6}"
+  local k="${SANITIZE_TESTS:-test_fused_passes_match_reference and (default or l2_groups_plane_groups_off or two_barriers or no_barrier) and not shape5 and not shape6}"
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 10 "$(cap ${SANITIZE_TIMEOUT:-150})" \
       compute-sanitizer --tool "$tool" --error-exitcode 99 \

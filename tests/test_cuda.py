@@ -165,9 +165,9 @@ def test_more_than_2_31_elements_bf16():
             assert err < 2 ** -6, (c, err)
 
 
-@pytest.mark.parametrize("walks", ["10", "00", "11", "112", "01"],
+@pytest.mark.parametrize("walks", ["10", "00", "11", "112", "110", "01"],
                          ids=["default", "plane_groups_off", "l2_groups", "l2_groups_two_barriers",
-                              "l2_groups_plane_groups_off"])
+                              "l2_groups_no_barrier", "l2_groups_plane_groups_off"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(6, 5, 7, 9), (4, 7, 16, 16), (3, 4, 5, 6, 8), (9, 16, 7, 7), (5, 16, 14, 14),
                                    (300, 32, 3, 3), (32, 48, 48, 48)])
@@ -176,7 +176,8 @@ def test_fused_passes_match_reference(dtype, shape, walks, monkeypatch):
     backward (sums, then grad_input) on odd shapes (odd plane sizes take the plane-groups walk where C allows:
     7x7, 3x3, 14x14 in bf16, and the narrow-vector paths with BNX_CUDA_PLANE_GROUPS=0) give the
     float64 reference's outputs, running stats and gradients, both formulas; also as the L2-grouped
-    cooperative launch (BNX_CUDA_L2_GROUPS=1; in fp32 the (32,48,48,48) input spans two groups of a 50-60 MB L2)."""
+    cooperative launch (BNX_CUDA_L2_GROUPS=1, with one, two or no grid barriers per group; in fp32 the
+    (32,48,48,48) input spans two groups of a 50-60 MB L2)."""
     monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", walks[0])
     monkeypatch.setenv("BNX_CUDA_L2_GROUPS", walks[1])
     monkeypatch.setenv("BNX_CUDA_L2_GROUPS_BARRIERS", walks[2:])

@@ -64,6 +64,7 @@ CONFIGS = {  # name: (BNX_CUDA_PLANE_GROUPS, BNX_CUDA_L2_GROUPS, BNX_CUDA_L2_GRO
     "plane_groups_off": ("0", "0", ""),
     "l2_groups": ("1", "1", ""),
     "l2_groups_two_barriers": ("1", "1", "2"),
+    "l2_groups_no_barrier": ("1", "1", "0"),
     "l2_groups_plane_groups_off": ("0", "1", ""),
 }
 
@@ -302,14 +303,15 @@ def test_emulated_ops_on_misaligned_input(emu, config, dtype):
     _assert_matches_cpu_ops(emu, (x, dy, w, b, rm, rv, nbt), dtype)
 
 
-@pytest.mark.parametrize("l2_groups", ["0", "1", "1/2"], ids=["two_launches", "l2_groups", "l2_groups_two_barriers"])
+@pytest.mark.parametrize("l2_groups", ["0", "1", "1/2", "1/0"],
+                         ids=["two_launches", "l2_groups", "l2_groups_two_barriers", "l2_groups_no_barrier"])
 @pytest.mark.parametrize("sms", ["1", "3", "200"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
 def test_emulated_ops_over_split_counts(emu, monkeypatch, sms, dtype, l2_groups):
     """The same on a larger batch with the plan's SM count varied, so channels are summed by one CTA
     (splits == 1: the CTA finishes them) or by many (partial sums and the finalize kernel, or the grouped
     kernel's finalize step: spread over the grid between two barriers, or each CTA finishing its own tiles'
-    channels after one)."""
+    channels after one barrier, or with no barrier once the group's tiles have all been counted)."""
     monkeypatch.setenv("BNX_EMULATED_SMS", sms if l2_groups == "0" else str(min(int(sms), 8)))
     monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", "1")
     monkeypatch.setenv("BNX_CUDA_L2_GROUPS", l2_groups[0])

@@ -378,6 +378,16 @@ __device__ __forceinline__ Lanes<V> lanes_of(const Plan& p, Tile t) {
   return l;
 }
 
+// A load that bypasses L1 (which is not coherent across SMs): for what other CTAs of the same launch wrote.
+template <typename T>
+__device__ __forceinline__ T load_coherent(const T* p) {
+#ifdef BNX_CUDA_EMULATION
+  return *p;
+#else
+  return __ldcg(p);
+#endif
+}
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 #pragma unroll
@@ -493,14 +503,21 @@ __device__ void sum_tile(const Plan& p, Tile t, const Op& op, const Fin& fin, ac
 
 // Adds the splits' partial sums of channel c in one warp (strided lane sums, then a fixed shuffle tree, so
 // the order never changes); every lane gets the totals.
-template <typename acc_t>
+// kCoherent: load past L1 (partial sums that other CTAs of the same launch wrote).
+template <typename acc_t, bool kCoherent = false>
 __device__ __forceinline__ void reduce_channel(const acc_t* __restrict__ partial, int64_t splits, int64_t C, int64_t c,
                                                int lane, acc_t& a, acc_t& b) {
   a = 0;
   b = 0;
   for (int64_t s = lane; s < splits; s += 32) {
-    a += partial[(s * C + c) * 2];
-    b += partial[(s * C + c) * 2 + 1];
+    const acc_t* v = partial + (s * C + c) * 2;
+    if constexpr (kCoherent) {
+      a += load_coherent(v);
+      b += load_coherent(v + 1);
+    } else {
+      a += v[0];
+      b += v[1];
+    }
   }
   a = warp_sum(a);
   b = warp_sum(b);
@@ -555,24 +572,42 @@ __global__ void __launch_bounds__(kThreads) channel_map_kernel(Plan p, Op op) {
 // `local_map(mop, ...)` then reads; the CTA of split 0 also calls fin, so the outputs and running
 // statistics are written once. With one split per tile column no barrier is needed at all: a tile's one
 // CTA finishes its channels itself.
+// kNoBarrier (NCHW walks, BNX_CUDA_L2_GROUPS_BARRIERS=0): no grid barrier at all. A CTA sums its tiles of
+// group g, counting each finished tile in group_done[g], then maps its tiles of group g - 1 once
+// group_done[g - 1] shows all of that group's tiles (finishing their channels itself, as with kOneBarrier).
+// The grid never drains at a barrier: while some CTAs still sum group g, others already map group g - 1,
+// whose inputs are still in L2 (a group takes a third of it). No deadlock: all CTAs are resident
+// (cooperative launch), and a CTA waits only for sums of an earlier group, which no CTA waits before doing.
 // The map pass never reads what fin wrote in the same launch through the op's own pointers (const
 // __restrict__, which the compiler may serve from the non-coherent read-only cache): it reads a copy in
 // shared memory, staged with loads that bypass L1 (`finalized`, after a fence) or computed by the CTA.
 constexpr int kMaxTileChannels = 256;  // a rows tile: up to 32 lanes x V channels
 
-template <typename T>
-__device__ __forceinline__ T load_coherent(const T* p) {
-#ifdef BNX_CUDA_EMULATION
-  return *p;
-#else
-  return __ldcg(p);
-#endif
-}
-
 struct Groups {
   int64_t tiles_per_group = 1;
   int64_t count = 1;
 };
+
+// How the grouped kernel makes a group's map wait for the group's sums.
+enum GroupSync : int { kTwoBarriers = 0, kOneBarrier = 1, kNoBarrier = 2 };
+
+// Counts a finished tile (release: the CTA's writes before it are visible to whoever sees the count). Called
+// by one thread after every thread of the CTA has fenced its writes and passed a __syncthreads.
+__device__ __forceinline__ void count_done(unsigned* counter) { atomicAdd(counter, 1u); }
+
+// Waits until *counter reaches `expected` (acquire: what was written before those counts is then visible).
+__device__ __forceinline__ void wait_count(const unsigned* counter, unsigned expected) {
+#ifdef BNX_CUDA_EMULATION
+  emulation::wait_until([&] { return __atomic_load_n(counter, __ATOMIC_ACQUIRE) >= expected; });
+#else
+  while (true) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
+    if (v >= expected) break;
+    __nanosleep(100);
+  }
+#endif
+}
 
 __device__ __forceinline__ void grid_sync() {
 #ifdef BNX_CUDA_EMULATION
@@ -614,14 +649,68 @@ __device__ __forceinline__ void map_staged(const Plan& p, Tile t, const Fin& fin
   });
 }
 
-template <typename acc_t, int V, int W, bool kOneBarrier, typename SumOp, typename Fin, typename MapOp>
+// Maps this CTA's tiles of the group of tile columns [x0, x0 + nx), finishing each tile's channels from the
+// partial sums itself (local_finalize; the tile of split 0 also calls fin). kCoherent: the partial sums
+// were counted in, not fenced by a grid barrier, so they are loaded past L1.
+template <typename acc_t, int V, int W, bool kCoherent, typename Fin, typename MapOp>
+__device__ __forceinline__ void map_group_finishing_locally(const Plan& p, int64_t x0, int64_t nx, const Fin& fin,
+                                                            const MapOp& mop, const acc_t* __restrict__ partial,
+                                                            acc_t* local_a, acc_t* local_b) {
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
+  const int warps = (blockDim.x * blockDim.y) / 32;  // whole warps: a plane-groups CTA may end in a partial one
+  const int64_t tiles = nx * p.splits;
+  for (int64_t i = blockIdx.x; i < tiles; i += gridDim.x) {
+    const Tile t{x0 + i % nx, i / nx};
+    map_from_local<acc_t, V, W>(p, t, mop, local_a, local_b, [&](int64_t c0, int64_t c1, acc_t* a, acc_t* b) {
+      if (warp >= warps) return;
+      const Fin local_fin = local_finalize(fin, a, b);
+      for (int64_t c = c0 + warp; c < c1; c += warps) {
+        acc_t s1, s2;
+        reduce_channel<acc_t, kCoherent>(partial, p.splits, p.C, c, lane, s1, s2);
+        if (lane == 0) {
+          local_fin(c, s1, s2);
+          if (t.y == 0) fin(c, s1, s2);
+        }
+      }
+    });
+  }
+}
+
+template <typename acc_t, int V, int W, int kSync, typename SumOp, typename Fin, typename MapOp>
 __global__ void __launch_bounds__(kThreads) grouped_sums_map_kernel(Plan p, Groups groups, SumOp sop, Fin fin, MapOp mop,
-                                                                    acc_t* __restrict__ partial) {
+                                                                    acc_t* __restrict__ partial,
+                                                                    unsigned* __restrict__ group_done) {
   __shared__ acc_t local_a[kMaxTileChannels], local_b[kMaxTileChannels];
   const int64_t ctas = gridDim.x;
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
   const int warps = (blockDim.x * blockDim.y) / 32;  // whole warps: a plane-groups CTA may end in a partial one
+  if constexpr (kSync == kNoBarrier) {
+    if (p.splits > 1) {
+      // Step g: the sums of group g (if any), then the map of group g - 1 (if any).
+      for (int64_t g = 0; g <= groups.count; ++g) {
+        if (g < groups.count) {
+          const int64_t x0 = g * groups.tiles_per_group;
+          const int64_t nx = ::min(groups.tiles_per_group, p.grid_x - x0);
+          for (int64_t i = blockIdx.x; i < nx * p.splits; i += ctas) {
+            sum_tile<acc_t, V, W>(p, Tile{x0 + i % nx, i / nx}, sop, fin, partial);
+            __threadfence();  // every thread's partial sums before the count
+            __syncthreads();  // (also: the next tile's reduction reuses the shared memory)
+            if (tid == 0) count_done(&group_done[g]);
+          }
+        }
+        if (g > 0) {
+          const int64_t x0 = (g - 1) * groups.tiles_per_group;
+          const int64_t nx = ::min(groups.tiles_per_group, p.grid_x - x0);
+          if (tid == 0) wait_count(&group_done[g - 1], static_cast<unsigned>(nx * p.splits));
+          __syncthreads();
+          map_group_finishing_locally<acc_t, V, W, true>(p, x0, nx, fin, mop, partial, local_a, local_b);
+        }
+      }
+      return;
+    }
+  }
   for (int64_t g = 0; g < groups.count; ++g) {
     const int64_t x0 = g * groups.tiles_per_group;
     const int64_t nx = ::min(groups.tiles_per_group, p.grid_x - x0);
@@ -642,22 +731,8 @@ __global__ void __launch_bounds__(kThreads) grouped_sums_map_kernel(Plan p, Grou
       __syncthreads();  // the next tile's reduction reuses the shared memory
     }
     grid_sync();
-    if constexpr (kOneBarrier) {
-      for (int64_t i = blockIdx.x; i < tiles; i += ctas) {
-        const Tile t{x0 + i % nx, i / nx};
-        map_from_local<acc_t, V, W>(p, t, mop, local_a, local_b, [&](int64_t c0, int64_t c1, acc_t* a, acc_t* b) {
-          if (warp >= warps) return;
-          const Fin local_fin = local_finalize(fin, a, b);
-          for (int64_t c = c0 + warp; c < c1; c += warps) {
-            acc_t s1, s2;
-            reduce_channel(partial, p.splits, p.C, c, lane, s1, s2);
-            if (lane == 0) {
-              local_fin(c, s1, s2);
-              if (t.y == 0) fin(c, s1, s2);
-            }
-          }
-        });
-      }
+    if constexpr (kSync != kTwoBarriers) {
+      map_group_finishing_locally<acc_t, V, W, false>(p, x0, nx, fin, mop, partial, local_a, local_b);
       continue;
     }
     if (p.splits > 1) {
@@ -746,29 +821,39 @@ inline Plan grouped_plan(Plan p, const Layout& L, int64_t input_bytes_per_elemen
 // Runs the sums pass (sop, fin) and then the map pass (mop) over `p`'s tiles as one grouped cooperative
 // launch (see grouped_sums_map_kernel and grouped_plan). Launches nothing and returns false when the kernel
 // cannot be resident.
-template <typename acc_t, int V, int W, bool kOneBarrier, typename SumOp, typename Fin, typename MapOp>
+template <typename acc_t, int V, int W, int kSync, typename SumOp, typename Fin, typename MapOp>
 bool launch_grouped_kernel(const Plan& sums, const Layout& L, int64_t input_bytes_per_element, const SumOp& sop,
                            const Fin& fin, const MapOp& mop, const at::Tensor& like) {
-  auto kernel = &grouped_sums_map_kernel<acc_t, V, W, kOneBarrier, SumOp, Fin, MapOp>;
+  auto kernel = &grouped_sums_map_kernel<acc_t, V, W, kSync, SumOp, Fin, MapOp>;
   Groups groups;
   int64_t ctas = 0;
   const Plan p = grouped_plan(sums, L, input_bytes_per_element, resident_ctas(kernel, sums.tx * sums.ty), groups, ctas);
   if (ctas < 1) return false;
   const at::Tensor workspace = partial_workspace<acc_t>(p, like);
   acc_t* partial = p.splits > 1 ? workspace.mutable_data_ptr<acc_t>() : nullptr;
-  launch_cooperative(kernel, dim3(static_cast<unsigned>(ctas)), p.block(), p, groups, sop, fin, mop, partial);
+  // kNoBarrier's per-group counts of finished tiles, from zero.
+  at::Tensor counts;
+  unsigned* group_done = nullptr;
+  if (kSync == kNoBarrier && p.splits > 1) {
+    counts = at::zeros({groups.count}, like.options().dtype(at::kInt));
+    group_done = reinterpret_cast<unsigned*>(counts.mutable_data_ptr<int32_t>());
+  }
+  launch_cooperative(kernel, dim3(static_cast<unsigned>(ctas)), p.block(), p, groups, sop, fin, mop, partial, group_done);
   return true;
 }
 
 template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
 bool launch_grouped(const Plan& sums, const Layout& L, int64_t input_bytes_per_element, const SumOp& sop,
                     const Fin& fin, const MapOp& mop, const at::Tensor& like) {
-  // One barrier per group where a tile has few channels (NCHW), unless BNX_CUDA_L2_GROUPS_BARRIERS=2.
+  // Where a tile has few channels (NCHW): one barrier per group, none with BNX_CUDA_L2_GROUPS_BARRIERS=0,
+  // two with =2. Channels-last tiles (up to 256 channels, many splits) always take two.
   if constexpr (W != kRows) {
+    if (env_is("BNX_CUDA_L2_GROUPS_BARRIERS", "0"))
+      return launch_grouped_kernel<acc_t, V, W, kNoBarrier>(sums, L, input_bytes_per_element, sop, fin, mop, like);
     if (!env_is("BNX_CUDA_L2_GROUPS_BARRIERS", "2"))
-      return launch_grouped_kernel<acc_t, V, W, true>(sums, L, input_bytes_per_element, sop, fin, mop, like);
+      return launch_grouped_kernel<acc_t, V, W, kOneBarrier>(sums, L, input_bytes_per_element, sop, fin, mop, like);
   }
-  return launch_grouped_kernel<acc_t, V, W, false>(sums, L, input_bytes_per_element, sop, fin, mop, like);
+  return launch_grouped_kernel<acc_t, V, W, kTwoBarriers>(sums, L, input_bytes_per_element, sop, fin, mop, like);
 }
 
 // A sums pass (sop, fin) and the map pass (mop) that needs its results, over the tiles of the sums plan `ps`:

@@ -26,6 +26,7 @@
 #define BNX_EMULATION_ASAN 1
 #endif
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -173,6 +174,9 @@ class Block {
 
   // Stops the launch with an error (raised by the launch, not from inside the fiber).
   [[noreturn]] void report(const std::string& message) { fail(message); }
+
+  // Whether the block runs in a cooperative launch (all blocks at once, on their own OS threads).
+  bool cooperative() const { return grid_ != nullptr; }
 
   // A grid-wide barrier (cooperative launches): the block's last thread to arrive waits for the other
   // blocks, then releases the block's threads.
@@ -330,6 +334,19 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
       }
 }
 
+// A thread's spin-wait for other blocks (a count they raise with atomicAdd): only a cooperative launch
+// runs the other blocks meanwhile; fails instead of hanging after 120 s.
+template <typename P>
+inline void wait_until(P&& pred) {
+  Block* b = Block::current();
+  if (!b->cooperative()) b->report("cuda emulation: a wait for other blocks outside a cooperative launch");
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > deadline) b->report("cuda emulation: waited 120 s for other blocks");
+    std::this_thread::yield();
+  }
+}
+
 // A vector access must be aligned to its size, as on the GPU (x86 would not fault).
 inline void check_aligned(const void* p, size_t bytes) {
   if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
@@ -371,7 +388,8 @@ inline void launch_cooperative(dim3 grid, dim3 block, const std::function<void()
 }  // namespace bnx
 
 inline void __syncthreads() { bnx::cuda::emulation::Block::current()->sync_block(); }
-inline void __threadfence() {}
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline unsigned atomicAdd(unsigned* address, unsigned value) { return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST); }
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
