@@ -26,6 +26,15 @@ std::vector<opmath_t> channel_values(const Tensor& t, int64_t C, opmath_t fill) 
   return std::vector<opmath_t>(p, p + C);
 }
 
+// gain = weight * invstd per channel (weight 1 when absent): dx's factor in both backward formulas.
+template <typename opmath_t>
+std::vector<opmath_t> channel_gain(const Tensor& weight, const std::vector<opmath_t>& invstd) {
+  const int64_t C = static_cast<int64_t>(invstd.size());
+  std::vector<opmath_t> gain = channel_values<opmath_t>(weight, C, 1);
+  for (int64_t c = 0; c < C; ++c) gain[c] *= invstd[c];
+  return gain;
+}
+
 template <typename opmath_t>
 Tensor channel_tensor(const std::vector<double>& v, const Tensor& like) {
   Tensor out = at::empty({static_cast<int64_t>(v.size())}, like.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
@@ -239,13 +248,11 @@ Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_out_, const Tensor& inpu
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_elemt_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const int64_t C = a.L.C;
-    const auto w = channel_values<opmath_t>(value_or_undefined(weight), C, 1);
     const auto mu = channel_values<opmath_t>(mean, C, 0);
     const auto is = channel_values<opmath_t>(invstd, C, 1);
     const auto sdy = channel_values<opmath_t>(sum_dy, C, 0);
     const auto sdx = channel_values<opmath_t>(sum_dy_xmu, C, 0);
-    std::vector<opmath_t> gain(C);
-    for (int64_t c = 0; c < C; ++c) gain[c] = w[c] * is[c];
+    const auto gain = channel_gain(value_or_undefined(weight), is);
     dx = batch_grad_input<scalar_t, opmath_t>(a, gain.data(), mu.data(), is.data(), sdy.data(), sdx.data(), count);
   });
   return dx;
@@ -268,10 +275,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const int64_t C = a.L.C;
-    const auto w = channel_values<opmath_t>(weight, C, 1);
     const auto is = channel_values<opmath_t>(invstd, C, 1);
-    std::vector<opmath_t> gain(C);
-    for (int64_t c = 0; c < C; ++c) gain[c] = w[c] * is[c];
+    const auto gain = channel_gain(weight, is);
     // The frozen formula writes dx in the same pass as the sums, or alone when no sums are wanted.
     scalar_t* frozen_dx = (formula == Formula::Frozen && output_mask[0]) ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
     if (need_sums) {
