@@ -1,5 +1,6 @@
 """The command line (`python -m bnx explain|check|bench`, benchmarks/bench.py) and bnx.decompose_input_gradient."""
 import json
+import math
 import os
 import re
 import subprocess
@@ -247,6 +248,59 @@ def test_compare_runs_script(tmp_path):
     assert q.returncode != 0 and "no case in common" in q.stderr
     q = subprocess.run([sys.executable, script, str(a), str(b), "--labels", "x"], capture_output=True, text=True)
     assert q.returncode == 2 and "--labels has 1 names for 2 runs" in q.stderr
+
+
+def test_ceilings_script(tmp_path):
+    """benchmarks/ceilings.py: per case, the DRAM transfers of the training forward + backward when channel
+    groups are re-read from L2 where they fit, the ceiling frac 5 / transfers, and the targets at it."""
+    script = os.path.join(ROOT, "benchmarks", "ceilings.py")
+
+    def case(name, shape, layout, b, fr):
+        return {"pass": "train_fwd_bwd", "dtype": "bf16" if b == 2 else "fp32", "layout": layout,
+                "shape": list(shape), "shape_name": name, "elements": math.prod(shape), "bytes_per_element": b,
+                "frac": fr}
+    # L2 of 3 MiB, a third per group: 1 MiB. NCHW (4,2,256,256) fp32: a channel is 1 MiB -> fits for the
+    # forward, not with dy for the backward (2+5); channels-last (64,8,32,32) bf16: 16 channels per 32-byte
+    # sector, capped at C = 8 -> 65536 rows x 16 B = 1 MiB (2+5); (1024,8,32,32) bf16: 16 MiB (3+5); the
+    # eval_fwd case and the non-ResNet name stay out of the targets.
+    cases = [case("rn50-112", (4, 2, 256, 256), "nchw", 4, {"bnx": 0.5, "native": 0.25, "compile": 0.5}),
+             case("rn50-56", (64, 8, 32, 32), "nhwc", 2, {"bnx": 0.6, "native": 0.5, "compile": 0.6}),
+             case("rn50-7", (2, 8, 4, 4), "nhwc", 2, {"bnx": 0.4, "native": 0.1, "compile": 0.2}),
+             case("other", (1024, 8, 32, 32), "nhwc", 2, {"bnx": 0.3, "native": 0.3}),
+             dict(case("rn50-14", (2, 2, 2, 2), "nchw", 4, {"bnx": 1.0, "native": 0.01}), **{"pass": "eval_fwd"})]
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"cases": cases}))
+    md = tmp_path / "c.md"
+    p = subprocess.run([sys.executable, script, str(run), "--l2-mib", "3", "--md", str(md)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "| fp32 | nchw | 4,2,256,256 | 0.500 | 0.250 | 0.500 | 2+5 | 0.714 | 2.86x | 1.43x |" in out
+    assert "| bf16 | nhwc | 64,8,32,32 | 0.600 | 0.500 | 0.600 | 2+5 | 0.714 | 1.43x | 1.19x |" in out
+    assert "| bf16 | nhwc | 2,8,4,4 | 0.400 | 0.100 | 0.200 | 2+3 | 1.000 | 10.00x | 5.00x |" in out
+    assert "| bf16 | nhwc | 1024,8,32,32 | 0.300 | 0.300 | - | 3+5 | 0.625 | 2.08x | - |" in out
+    assert "2,2,2,2" not in out  # not a train_fwd_bwd case
+    # two-pass: every ResNet case at 0.625; bf16 vs native: sqrt(0.625/0.5 * 0.625/0.1) = 2.80
+    assert "- two-pass: geomean frac 0.625 (target 0.60: reachable)" in out
+    assert "geomean speedup vs native, bf16: 2.80x (target 2.5x: reachable)" in out
+    assert "geomean speedup vs native, fp32: 2.50x (target 1.5x: reachable)" in out
+    # vs compile at 0.625: 1.25x (fp32 nchw), 1.04x (short), 3.12x
+    assert "every case (target 1.2x): out of reach in 1 of 3: bf16 nhwc 64,8,32,32 at most 1.04x" in out
+    # grouped: (0.714 * 0.714 * 1.0) ** (1/3) = 0.799; the 64,8,32,32 case still short of 1.2x over compile
+    assert "- grouped: geomean frac 0.799" in out
+    assert "out of reach in 1 of 3: bf16 nhwc 64,8,32,32 at most 1.19x" in out
+    assert md.read_text() == out
+    # the whole L2 for one group: the backward's 2 MiB fits too
+    q = subprocess.run([sys.executable, script, str(run), "--l2-mib", "3", "--group-fraction", "1"],
+                       capture_output=True, text=True)
+    assert q.returncode == 0 and "| 4,2,256,256 | 0.500 | 0.250 | 0.500 | 2+3 | 1.000 |" in q.stdout
+    assert "speedup vs torch.compile, every case (target 1.2x): reachable in all 3 cases" in q.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"cases": [cases[-1]]}))
+    q = subprocess.run([sys.executable, script, str(bad)], capture_output=True, text=True)
+    assert q.returncode != 0 and "has no train_fwd_bwd case" in q.stderr
+    q = subprocess.run([sys.executable, script, str(run), "--group-fraction", "0"], capture_output=True, text=True)
+    assert q.returncode == 2 and "--group-fraction must be in (0, 1]" in q.stderr
 
 
 @requires_cuda
