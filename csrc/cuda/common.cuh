@@ -588,6 +588,15 @@ struct Groups {
   int64_t count = 1;
 };
 
+// Group g's tile columns: [x0, x0 + nx) (the last group may be narrower).
+struct GroupColumns {
+  int64_t x0, nx;
+};
+__device__ __forceinline__ GroupColumns group_columns(const Plan& p, const Groups& groups, int64_t g) {
+  const int64_t x0 = g * groups.tiles_per_group;
+  return {x0, ::min(groups.tiles_per_group, p.grid_x - x0)};
+}
+
 // How the grouped kernel makes a group's map wait for the group's sums.
 enum GroupSync : int { kTwoBarriers = 0, kOneBarrier = 1, kNoBarrier = 2 };
 
@@ -691,8 +700,7 @@ __global__ void __launch_bounds__(kThreads) grouped_sums_map_kernel(Plan p, Grou
       // Step g: the sums of group g (if any), then the map of group g - 1 (if any).
       for (int64_t g = 0; g <= groups.count; ++g) {
         if (g < groups.count) {
-          const int64_t x0 = g * groups.tiles_per_group;
-          const int64_t nx = ::min(groups.tiles_per_group, p.grid_x - x0);
+          const auto [x0, nx] = group_columns(p, groups, g);
           for (int64_t i = blockIdx.x; i < nx * p.splits; i += ctas) {
             sum_tile<acc_t, V, W>(p, Tile{x0 + i % nx, i / nx}, sop, fin, partial);
             __threadfence();  // every thread's partial sums before the count
@@ -701,8 +709,7 @@ __global__ void __launch_bounds__(kThreads) grouped_sums_map_kernel(Plan p, Grou
           }
         }
         if (g > 0) {
-          const int64_t x0 = (g - 1) * groups.tiles_per_group;
-          const int64_t nx = ::min(groups.tiles_per_group, p.grid_x - x0);
+          const auto [x0, nx] = group_columns(p, groups, g - 1);
           if (tid == 0) wait_count(&group_done[g - 1], static_cast<unsigned>(nx * p.splits));
           __syncthreads();
           map_group_finishing_locally<acc_t, V, W, true>(p, x0, nx, fin, mop, partial, local_a, local_b);
@@ -712,8 +719,7 @@ __global__ void __launch_bounds__(kThreads) grouped_sums_map_kernel(Plan p, Grou
     }
   }
   for (int64_t g = 0; g < groups.count; ++g) {
-    const int64_t x0 = g * groups.tiles_per_group;
-    const int64_t nx = ::min(groups.tiles_per_group, p.grid_x - x0);
+    const auto [x0, nx] = group_columns(p, groups, g);
     const int64_t tiles = nx * p.splits;
     if (p.splits == 1) {
       // Tile i's one CTA sums it, finishes its channels (fin, in sum_tile) and maps it: no barrier.
