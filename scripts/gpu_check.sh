@@ -3,7 +3,7 @@
 #   build  - build bnx for sm_90 with the CUDA kernels (MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0)
 #   tests  - every CUDA test case (pytest -k cuda), compile tests last, large (>2^31 elements) included
 #   cli    - python -m bnx explain / check on CUDA
-#   bench  - the benchmark; arguments after "--" go to it
+#   bench  - the benchmark; arguments after "--" go to it; then benchmarks/ceilings.py on its JSON
 #   groups - the training passes with each walk switch off and on (BNX_CUDA_PLANE_GROUPS, BNX_CUDA_L2_GROUPS)
 #   plans  - other launch-plan sizes of the sums and map kernels against the defaults (BNX_CUDA_SUMS_PLAN,
 #            BNX_CUDA_MAP_PLAN; not in the default stages), compared case by case by benchmarks/compare_runs.py
@@ -89,6 +89,10 @@ run_bench() {
   timeout -s INT -k 10 "$(cap ${BENCH_TIMEOUT:-420})" "$PY" -m bnx bench --device cuda --json "$OUT/bench.json" \
     --md "$OUT/bench.md" --plot "$OUT/bench.png" "$@" 2> "$OUT/bench-progress.log" | tee "$OUT/bench-summary.txt"
   echo "bench rc=${PIPESTATUS[0]} in $(( $(date +%s) - start )) s"
+  # The DRAM-traffic ceilings of the training cases and the targets at them (host only, a second or two).
+  [ -s "$OUT/bench.json" ] && "$PY" benchmarks/ceilings.py "$OUT/bench.json" --md "$OUT/bench-ceilings.md" \
+    > /dev/null 2> "$OUT/bench-ceilings.err" && tail -n 12 "$OUT/bench-ceilings.md"
+  return 0
 }
 
 run_groups() {
