@@ -99,7 +99,9 @@ run_groups() {
   # Each walk switch against the defaults on the training passes, same machine, native in every run:
   # config "PL[B]" sets BNX_CUDA_PLANE_GROUPS=P, BNX_CUDA_L2_GROUPS=L and BNX_CUDA_L2_GROUPS_BARRIERS=B
   # (GROUPS_CONFIGS, default "10 11 110": the defaults, the L2-grouped launch with one grid barrier per group
-  # in NCHW, and with none (per-group counts); "112": two barriers per group everywhere; "00": plane groups off).
+  # in NCHW, and with none (per-column counts, any layout); "112": two barriers per group everywhere; "00": plane
+  # groups off). The grouped launch narrows channels-last columns to fit in L2, down to BNX_CUDA_L2_GROUP_ROW_BYTES
+  # (default 64) bytes of every row; set it in the environment to compare floors.
   for cfg in ${GROUPS_CONFIGS:-10 11 110}; do
     BNX_CUDA_PLANE_GROUPS=${cfg:0:1} BNX_CUDA_L2_GROUPS=${cfg:1:1} BNX_CUDA_L2_GROUPS_BARRIERS=${cfg:2:1} \
       timeout -s INT -k 10 "$(cap ${GROUPS_TIMEOUT:-200})" \

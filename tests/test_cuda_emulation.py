@@ -212,6 +212,56 @@ def test_grouped_plan_sizes_groups_by_the_l2(emu, monkeypatch, l2_kib, tiles_per
     assert tuple(emu.plan(x, "grouped")[7:9]) == (3, 6)
 
 
+@pytest.mark.parametrize("l2_kib,row_bytes,kind,tx", [
+    (1024, "", "grouped", 8),            # the full-width column fits: unchanged
+    (256, "", "grouped", 4),             # 64 bytes of every row fit
+    (256, "", "grouped_backward", 8),    # x and dy would need 32 bytes, under the 64-byte floor: unchanged
+    (256, "32", "grouped_backward", 2),  # a lower floor
+    (64, "", "grouped", 8),              # not even 64 bytes fit: unchanged
+    (64, "16", "grouped", 1)])
+def test_grouped_plan_narrows_channels_last_columns(emu, monkeypatch, l2_kib, row_bytes, kind, tx):
+    """Channels-last (64,32,4,4) fp32: 1024 rows of 32 channels, which the rows walk reads as 8 lanes of 4
+    channels (128 bytes of every row: a 128 KiB column). The grouped launch halves the lanes (doubling the
+    rows a CTA walks at once) until one column's inputs (x; x and dy for the backward) fit in a third of the
+    L2, down to BNX_CUDA_L2_GROUP_ROW_BYTES (64) bytes of every row, and keeps the full width where even that
+    does not fit."""
+    monkeypatch.setenv("BNX_EMULATED_L2_BYTES", str(l2_kib * 1024))
+    monkeypatch.setenv("BNX_CUDA_L2_GROUP_ROW_BYTES", row_bytes)
+    x = _tensor((64, 32, 4, 4), torch.float32, "cl")
+    walk, V, grid_x, splits, got_tx, ty, rows_per_split, per_group, count, ctas = emu.plan(x, kind)
+    assert (walk, V) == (KROWS, 4)
+    assert (got_tx, ty, grid_x) == (tx, 256 // tx, 8 // tx)
+    column = 1024 * tx * 4 * 4 * (1 if kind == "grouped" else 2)
+    if tx < 8:
+        assert column <= l2_kib * 1024 // 3 and per_group * count >= grid_x
+    assert splits * rows_per_split >= 1024
+
+
+@pytest.mark.parametrize("barriers", ["0", "2"], ids=["no_barrier", "two_barriers"])
+@pytest.mark.parametrize("row_bytes", ["", "16"], ids=["row64", "row16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_emulated_grouped_ops_on_narrowed_channels_last_columns(emu, monkeypatch, barriers, row_bytes, dtype):
+    """Every op through the grouped launch where it narrows the channels-last columns (4096 rows of 32
+    channels: 128 bytes of every row in fp32 do not fit in a third of a 1 MiB emulated L2, 64 do), with
+    and without grid barriers, several splits per column: the CPU ops' results."""
+    monkeypatch.setenv("BNX_EMULATED_SMS", "8")
+    monkeypatch.setenv("BNX_EMULATED_L2_BYTES", str(1 << 20))
+    monkeypatch.setenv("BNX_CUDA_L2_GROUPS", "1")
+    monkeypatch.setenv("BNX_CUDA_L2_GROUPS_BARRIERS", barriers)
+    monkeypatch.setenv("BNX_CUDA_L2_GROUP_ROW_BYTES", row_bytes)
+    shape = (4, 32, 32, 32)
+    x = _tensor(shape, dtype, "cl")
+    full = emu.plan(x, "sums")[4]
+    fwd, bwd = emu.plan(x, "grouped"), emu.plan(x, "grouped_backward")
+    # lanes of the column: the sums plan's, the grouped forward's (x), the grouped backward's (x and dy)
+    if dtype == torch.float32:  # 4 channels a lane
+        assert (full, fwd[4], bwd[4]) == ((8, 4, 8) if row_bytes == "" else (8, 4, 2))
+    else:  # 8 bf16 channels a lane: the forward's full 4 lanes fit already
+        assert (full, fwd[4], bwd[4]) == ((4, 4, 4) if row_bytes == "" else (4, 4, 2))
+    assert fwd[3] > 1 and bwd[3] > 1  # several splits: the columns are finished from partial sums
+    _assert_matches_cpu_ops(emu, _inputs(shape, dtype, "cl"), dtype)
+
+
 # --- the ops against bnx's CPU ops --------------------------------------------------------------------
 
 SHAPES = [

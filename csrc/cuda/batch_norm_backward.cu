@@ -284,7 +284,7 @@ void batch_backward(const BackwardArgs& a, const Tensor& weight, const Tensor& d
       constexpr int kV = decltype(vec)::value;
       constexpr int kW = decltype(walk)::value;
       if (dxp != nullptr) {
-        launch_sums_then_map<acc_t, kV, kW>(ps, a.L, access, 2 * sizeof(scalar_t), sums_op, fin, dx_op, a.input);
+        launch_sums_then_map<acc_t, kV, kW>(ps, a.L, access, sizeof(scalar_t), 2, sums_op, fin, dx_op, a.input);
       } else {
         launch_sums<acc_t, kV, kW>(ps, sums_op, fin, partial_workspace<acc_t>(ps, a.input));
       }

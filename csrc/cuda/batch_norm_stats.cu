@@ -121,7 +121,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_forward_cuda(
                                               /*scale_is_var=*/false, acc_t(0)};
     const Plan ps = sums_plan(a.L, access);
     dispatch_plan<scalar_t>(ps, [&](auto vec, auto walk) {
-      launch_sums_then_map<acc_t, decltype(vec)::value, decltype(walk)::value>(ps, a.L, access, sizeof(scalar_t), stats_op,
+      launch_sums_then_map<acc_t, decltype(vec)::value, decltype(walk)::value>(ps, a.L, access, sizeof(scalar_t), 1, stats_op,
                                                                                fin, affine_op, a.input);
     });
   });

@@ -572,12 +572,14 @@ __global__ void __launch_bounds__(kThreads) channel_map_kernel(Plan p, Op op) {
 // `local_map(mop, ...)` then reads; the CTA of split 0 also calls fin, so the outputs and running
 // statistics are written once. With one split per tile column no barrier is needed at all: a tile's one
 // CTA finishes its channels itself.
-// kNoBarrier (NCHW walks, BNX_CUDA_L2_GROUPS_BARRIERS=0): no grid barrier at all. A CTA sums its tiles of
-// group g, counting each finished tile in group_done[g], then maps its tiles of group g - 1 once
-// group_done[g - 1] shows all of that group's tiles (finishing their channels itself, as with kOneBarrier).
-// The grid never drains at a barrier: while some CTAs still sum group g, others already map group g - 1,
-// whose inputs are still in L2 (a group takes a third of it). No deadlock: all CTAs are resident
-// (cooperative launch), and a CTA waits only for sums of an earlier group, which no CTA waits before doing.
+// kNoBarrier (BNX_CUDA_L2_GROUPS_BARRIERS=0, every walk): no grid barrier at all. A CTA sums its tiles of
+// group g, counting each in its tile column; the CTA that counts a column's last split adds the column's
+// partial sums, finishes its channels (fin) and counts the column in the group; then the CTA maps its tiles
+// of group g - 1 once all of that group's columns are counted. The grid never drains at a barrier: while
+// some CTAs still sum group g, others already map group g - 1, whose inputs are still in L2 (a group takes a
+// third of it), and each channel is finished once, not by every CTA that maps it. No deadlock: all CTAs
+// are resident (cooperative launch), a column is finished right after its last sums (no wait in between),
+// and a CTA waits only for columns of an earlier group, which no CTA waits before summing.
 // The map pass never reads what fin wrote in the same launch through the op's own pointers (const
 // __restrict__, which the compiler may serve from the non-coherent read-only cache): it reads a copy in
 // shared memory, staged with loads that bypass L1 (`finalized`, after a fence) or computed by the CTA.
@@ -600,9 +602,10 @@ __device__ __forceinline__ GroupColumns group_columns(const Plan& p, const Group
 // How the grouped kernel makes a group's map wait for the group's sums.
 enum GroupSync : int { kTwoBarriers = 0, kOneBarrier = 1, kNoBarrier = 2 };
 
-// Counts a finished tile (release: the CTA's writes before it are visible to whoever sees the count). Called
-// by one thread after every thread of the CTA has fenced its writes and passed a __syncthreads.
-__device__ __forceinline__ void count_done(unsigned* counter) { atomicAdd(counter, 1u); }
+// Counts a finished piece of work (release: the CTA's writes before it are visible to whoever sees the
+// count) and returns the count before it. Called by one thread after every thread of the CTA has fenced its
+// writes and passed a __syncthreads.
+__device__ __forceinline__ unsigned count_done(unsigned* counter) { return atomicAdd(counter, 1u); }
 
 // Waits until *counter reaches `expected` (acquire: what was written before those counts is then visible).
 __device__ __forceinline__ void wait_count(const unsigned* counter, unsigned expected) {
@@ -659,9 +662,8 @@ __device__ __forceinline__ void map_staged(const Plan& p, Tile t, const Fin& fin
 }
 
 // Maps this CTA's tiles of the group of tile columns [x0, x0 + nx), finishing each tile's channels from the
-// partial sums itself (local_finalize; the tile of split 0 also calls fin). kCoherent: the partial sums
-// were counted in, not fenced by a grid barrier, so they are loaded past L1.
-template <typename acc_t, int V, int W, bool kCoherent, typename Fin, typename MapOp>
+// partial sums itself (local_finalize; the tile of split 0 also calls fin). After a grid barrier.
+template <typename acc_t, int V, int W, typename Fin, typename MapOp>
 __device__ __forceinline__ void map_group_finishing_locally(const Plan& p, int64_t x0, int64_t nx, const Fin& fin,
                                                             const MapOp& mop, const acc_t* __restrict__ partial,
                                                             acc_t* local_a, acc_t* local_b) {
@@ -676,7 +678,7 @@ __device__ __forceinline__ void map_group_finishing_locally(const Plan& p, int64
       const Fin local_fin = local_finalize(fin, a, b);
       for (int64_t c = c0 + warp; c < c1; c += warps) {
         acc_t s1, s2;
-        reduce_channel<acc_t, kCoherent>(partial, p.splits, p.C, c, lane, s1, s2);
+        reduce_channel(partial, p.splits, p.C, c, lane, s1, s2);
         if (lane == 0) {
           local_fin(c, s1, s2);
           if (t.y == 0) fin(c, s1, s2);
@@ -686,10 +688,27 @@ __device__ __forceinline__ void map_group_finishing_locally(const Plan& p, int64
   }
 }
 
+// kNoBarrier: the CTA that counts the last of tile column x's splits adds the column's partial sums and
+// finishes its channels (fin) once, for every CTA that maps the column.
+template <typename acc_t, typename Fin>
+__device__ __forceinline__ void finish_column(const Plan& p, int64_t x, const Fin& fin, const acc_t* __restrict__ partial) {
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
+  const int warps = (blockDim.x * blockDim.y) / 32;  // whole warps: a plane-groups CTA may end in a partial one
+  if (warp >= warps) return;
+  int64_t c0, c1;
+  tile_channels(p, x, x + 1, c0, c1);
+  for (int64_t c = c0 + warp; c < c1; c += warps) {
+    acc_t s1, s2;
+    reduce_channel<acc_t, /*kCoherent=*/true>(partial, p.splits, p.C, c, lane, s1, s2);
+    if (lane == 0) fin(c, s1, s2);
+  }
+}
+
 template <typename acc_t, int V, int W, int kSync, typename SumOp, typename Fin, typename MapOp>
 __global__ void __launch_bounds__(kThreads) grouped_sums_map_kernel(Plan p, Groups groups, SumOp sop, Fin fin, MapOp mop,
                                                                     acc_t* __restrict__ partial,
-                                                                    unsigned* __restrict__ group_done) {
+                                                                    unsigned* __restrict__ counts) {
   __shared__ acc_t local_a[kMaxTileChannels], local_b[kMaxTileChannels];
   const int64_t ctas = gridDim.x;
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
@@ -697,22 +716,36 @@ __global__ void __launch_bounds__(kThreads) grouped_sums_map_kernel(Plan p, Grou
   const int warps = (blockDim.x * blockDim.y) / 32;  // whole warps: a plane-groups CTA may end in a partial one
   if constexpr (kSync == kNoBarrier) {
     if (p.splits > 1) {
+      // counts: finished splits per tile column (grid_x), then finished columns per group (groups.count).
+      __shared__ bool last_split;
       // Step g: the sums of group g (if any), then the map of group g - 1 (if any).
       for (int64_t g = 0; g <= groups.count; ++g) {
         if (g < groups.count) {
           const auto [x0, nx] = group_columns(p, groups, g);
           for (int64_t i = blockIdx.x; i < nx * p.splits; i += ctas) {
-            sum_tile<acc_t, V, W>(p, Tile{x0 + i % nx, i / nx}, sop, fin, partial);
+            const Tile t{x0 + i % nx, i / nx};
+            sum_tile<acc_t, V, W>(p, t, sop, fin, partial);
             __threadfence();  // every thread's partial sums before the count
             __syncthreads();  // (also: the next tile's reduction reuses the shared memory)
-            if (tid == 0) count_done(&group_done[g]);
+            if (tid == 0) {
+              last_split = count_done(&counts[t.x]) == static_cast<unsigned>(p.splits - 1);
+              __threadfence();  // acquire: the other splits' partial sums, counted before ours
+            }
+            __syncthreads();
+            if (last_split) {
+              finish_column(p, t.x, fin, partial);
+              __threadfence();  // fin's writes before the column's count
+              __syncthreads();
+              if (tid == 0) count_done(&counts[p.grid_x + g]);
+            }
           }
         }
         if (g > 0) {
           const auto [x0, nx] = group_columns(p, groups, g - 1);
-          if (tid == 0) wait_count(&group_done[g - 1], static_cast<unsigned>(nx * p.splits));
+          if (tid == 0) wait_count(&counts[p.grid_x + g - 1], static_cast<unsigned>(nx));
           __syncthreads();
-          map_group_finishing_locally<acc_t, V, W, true>(p, x0, nx, fin, mop, partial, local_a, local_b);
+          for (int64_t i = blockIdx.x; i < nx * p.splits; i += ctas)
+            map_staged<acc_t, V, W>(p, Tile{x0 + i % nx, i / nx}, fin, mop, local_a, local_b);
         }
       }
       return;
@@ -738,7 +771,7 @@ __global__ void __launch_bounds__(kThreads) grouped_sums_map_kernel(Plan p, Grou
     }
     grid_sync();
     if constexpr (kSync != kTwoBarriers) {
-      map_group_finishing_locally<acc_t, V, W, false>(p, x0, nx, fin, mop, partial, local_a, local_b);
+      map_group_finishing_locally<acc_t, V, W>(p, x0, nx, fin, mop, partial, local_a, local_b);
       continue;
     }
     if (p.splits > 1) {
@@ -810,11 +843,38 @@ int64_t resident_ctas(K kernel, int threads) {
 #endif
 }
 
-// The grouped launch's plan for `ctas_max` resident CTAs: groups of tile columns whose inputs
-// (`input_bytes_per_element` per element: x alone, or x and dy) take at most group_bytes(), and rows
-// split so that a group has about ctas_max tiles. Returns the plan; `groups` and `ctas` are set.
-inline Plan grouped_plan(Plan p, const Layout& L, int64_t input_bytes_per_element, int64_t ctas_max, Groups& groups,
-                         int64_t& ctas) {
+// The narrowest channels-last tile column the grouped launch makes, in bytes of every row of one tensor:
+// 64, or BNX_CUDA_L2_GROUP_ROW_BYTES (narrower columns fit in L2 at more rows, but read DRAM in smaller
+// pieces).
+inline int64_t group_row_bytes() {
+  const char* v = std::getenv("BNX_CUDA_L2_GROUP_ROW_BYTES");
+  const long long n = v != nullptr ? std::atoll(v) : 0;
+  return n > 0 ? static_cast<int64_t>(n) : 64;
+}
+
+// Channels-last: a rows tile column is tx lanes of `lane_bytes` wide (512 bytes of every row at 32 lanes),
+// so with many rows one column's inputs outgrow a group and nothing is re-read from L2. Halves the lanes
+// (doubling the rows a CTA walks at once) until a column fits, but not below group_row_bytes(); where even
+// that does not fit, keeps the plan (narrower reads would buy no reuse).
+inline void narrow_row_columns(Plan& p, const Layout& L, int64_t lane_bytes, int64_t input_bytes_per_element) {
+  const int64_t budget = group_bytes();
+  const auto column_bytes = [&](int tx) { return L.rows * tx * p.V * input_bytes_per_element; };
+  int tx = p.tx;
+  while (column_bytes(tx) > budget && tx > 1 && (tx / 2) * lane_bytes >= group_row_bytes()) tx /= 2;
+  if (tx == p.tx || column_bytes(tx) > budget) return;
+  p.tx = tx;
+  p.ty = kThreads / tx;
+  p.grid_x = ceil_div(p.vecs_per_row, tx);
+}
+
+// The grouped launch's plan for `ctas_max` resident CTAs: groups of tile columns whose inputs (`inputs`
+// tensors of `element_bytes` per element: x alone, or x and dy) take at most group_bytes(), and rows split
+// so that a group has about ctas_max tiles; channels-last columns narrowed to fit where they can. Returns
+// the plan; `groups` and `ctas` are set.
+inline Plan grouped_plan(Plan p, const Layout& L, int64_t element_bytes, int64_t inputs, int64_t ctas_max,
+                         Groups& groups, int64_t& ctas) {
+  const int64_t input_bytes_per_element = element_bytes * inputs;
+  if (p.walk == kRows) narrow_row_columns(p, L, element_bytes * p.V, input_bytes_per_element);
   const int64_t column_bytes = std::max<int64_t>(1, L.rows * channels_per_tile(p) * input_bytes_per_element);
   groups.tiles_per_group = std::min<int64_t>(std::max<int64_t>(1, group_bytes() / column_bytes), p.grid_x);
   groups.count = ceil_div(p.grid_x, groups.tiles_per_group);
@@ -828,38 +888,38 @@ inline Plan grouped_plan(Plan p, const Layout& L, int64_t input_bytes_per_elemen
 // launch (see grouped_sums_map_kernel and grouped_plan). Launches nothing and returns false when the kernel
 // cannot be resident.
 template <typename acc_t, int V, int W, int kSync, typename SumOp, typename Fin, typename MapOp>
-bool launch_grouped_kernel(const Plan& sums, const Layout& L, int64_t input_bytes_per_element, const SumOp& sop,
+bool launch_grouped_kernel(const Plan& sums, const Layout& L, int64_t element_bytes, int64_t inputs, const SumOp& sop,
                            const Fin& fin, const MapOp& mop, const at::Tensor& like) {
   auto kernel = &grouped_sums_map_kernel<acc_t, V, W, kSync, SumOp, Fin, MapOp>;
   Groups groups;
   int64_t ctas = 0;
-  const Plan p = grouped_plan(sums, L, input_bytes_per_element, resident_ctas(kernel, sums.tx * sums.ty), groups, ctas);
+  const Plan p = grouped_plan(sums, L, element_bytes, inputs, resident_ctas(kernel, sums.tx * sums.ty), groups, ctas);
   if (ctas < 1) return false;
   const at::Tensor workspace = partial_workspace<acc_t>(p, like);
   acc_t* partial = p.splits > 1 ? workspace.mutable_data_ptr<acc_t>() : nullptr;
-  // kNoBarrier's per-group counts of finished tiles, from zero.
+  // kNoBarrier's counts, from zero: finished splits per tile column, then finished columns per group.
   at::Tensor counts;
-  unsigned* group_done = nullptr;
+  unsigned* count_ptr = nullptr;
   if (kSync == kNoBarrier && p.splits > 1) {
-    counts = at::zeros({groups.count}, like.options().dtype(at::kInt));
-    group_done = reinterpret_cast<unsigned*>(counts.mutable_data_ptr<int32_t>());
+    counts = at::zeros({p.grid_x + groups.count}, like.options().dtype(at::kInt));
+    count_ptr = reinterpret_cast<unsigned*>(counts.mutable_data_ptr<int32_t>());
   }
-  launch_cooperative(kernel, dim3(static_cast<unsigned>(ctas)), p.block(), p, groups, sop, fin, mop, partial, group_done);
+  launch_cooperative(kernel, dim3(static_cast<unsigned>(ctas)), p.block(), p, groups, sop, fin, mop, partial, count_ptr);
   return true;
 }
 
 template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
-bool launch_grouped(const Plan& sums, const Layout& L, int64_t input_bytes_per_element, const SumOp& sop,
+bool launch_grouped(const Plan& sums, const Layout& L, int64_t element_bytes, int64_t inputs, const SumOp& sop,
                     const Fin& fin, const MapOp& mop, const at::Tensor& like) {
-  // Where a tile has few channels (NCHW): one barrier per group, none with BNX_CUDA_L2_GROUPS_BARRIERS=0,
-  // two with =2. Channels-last tiles (up to 256 channels, many splits) always take two.
+  // BNX_CUDA_L2_GROUPS_BARRIERS=0: no grid barrier (every walk). Otherwise, where a tile has few channels
+  // (NCHW): one barrier per group, two with =2; channels-last tiles (up to 256 channels, many splits) take two.
+  if (env_is("BNX_CUDA_L2_GROUPS_BARRIERS", "0"))
+    return launch_grouped_kernel<acc_t, V, W, kNoBarrier>(sums, L, element_bytes, inputs, sop, fin, mop, like);
   if constexpr (W != kRows) {
-    if (env_is("BNX_CUDA_L2_GROUPS_BARRIERS", "0"))
-      return launch_grouped_kernel<acc_t, V, W, kNoBarrier>(sums, L, input_bytes_per_element, sop, fin, mop, like);
     if (!env_is("BNX_CUDA_L2_GROUPS_BARRIERS", "2"))
-      return launch_grouped_kernel<acc_t, V, W, kOneBarrier>(sums, L, input_bytes_per_element, sop, fin, mop, like);
+      return launch_grouped_kernel<acc_t, V, W, kOneBarrier>(sums, L, element_bytes, inputs, sop, fin, mop, like);
   }
-  return launch_grouped_kernel<acc_t, V, W, kTwoBarriers>(sums, L, input_bytes_per_element, sop, fin, mop, like);
+  return launch_grouped_kernel<acc_t, V, W, kTwoBarriers>(sums, L, element_bytes, inputs, sop, fin, mop, like);
 }
 
 // A sums pass (sop, fin) and the map pass (mop) that needs its results, over the tiles of the sums plan `ps`:
@@ -867,10 +927,9 @@ bool launch_grouped(const Plan& sums, const Layout& L, int64_t input_bytes_per_e
 // the finalize step) as separate launches, the map walking in reverse so that it starts where the sums
 // ended, still in L2.
 template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
-void launch_sums_then_map(const Plan& ps, const Layout& L, Access a, int64_t input_bytes_per_element, const SumOp& sop,
-                          const Fin& fin, const MapOp& mop, const at::Tensor& like) {
-  if (env_is("BNX_CUDA_L2_GROUPS", "1") &&
-      launch_grouped<acc_t, V, W>(ps, L, input_bytes_per_element, sop, fin, mop, like))
+void launch_sums_then_map(const Plan& ps, const Layout& L, Access a, int64_t element_bytes, int64_t inputs,
+                          const SumOp& sop, const Fin& fin, const MapOp& mop, const at::Tensor& like) {
+  if (env_is("BNX_CUDA_L2_GROUPS", "1") && launch_grouped<acc_t, V, W>(ps, L, element_bytes, inputs, sop, fin, mop, like))
     return;
   launch_sums<acc_t, V, W>(ps, sop, fin, partial_workspace<acc_t>(ps, like));
   launch_map<acc_t, V, W>(map_plan(L, a, /*reverse=*/true), mop);

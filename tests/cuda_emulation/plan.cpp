@@ -9,20 +9,22 @@ namespace cuda {
 namespace {
 
 // [walk, V, grid_x, splits, tx, ty, rows_per_split] of the sums ("sums") or map ("map") plan that the ops
-// use for `input` (pointers: input alone); "grouped" (the L2-grouped launch of a training forward) appends
-// [tiles_per_group, groups, ctas].
+// use for `input` (pointers: input alone); "grouped" (the L2-grouped launch of a training forward: x alone)
+// and "grouped_backward" (of a batch backward: x and dy) append [tiles_per_group, groups, ctas].
 std::vector<int64_t> plan_of(const at::Tensor& input, c10::string_view kind) {
   const Layout L = layout_of(input);
   const Access a = choose_access(L, input.element_size(), {input.const_data_ptr()});
-  TORCH_CHECK(kind == "sums" || kind == "map" || kind == "grouped",
-              "plan: kind must be 'sums', 'map' or 'grouped', got '", kind, "'");
+  const bool grouped = kind == "grouped" || kind == "grouped_backward";
+  TORCH_CHECK(kind == "sums" || kind == "map" || grouped,
+              "plan: kind must be 'sums', 'map', 'grouped' or 'grouped_backward', got '", kind, "'");
   Plan p = kind == "map" ? map_plan(L, a) : sums_plan(L, a);
   Groups groups;
   int64_t ctas = 0;
-  if (kind == "grouped")
-    p = grouped_plan(p, L, input.element_size(), static_cast<int64_t>(emulation::blocks_per_sm()) * num_sms(), groups, ctas);
+  if (grouped)
+    p = grouped_plan(p, L, input.element_size(), kind == "grouped" ? 1 : 2,
+                     static_cast<int64_t>(emulation::blocks_per_sm()) * num_sms(), groups, ctas);
   std::vector<int64_t> out{p.walk, p.V, p.grid_x, p.splits, p.tx, p.ty, p.rows_per_split};
-  if (kind == "grouped") out.insert(out.end(), {groups.tiles_per_group, groups.count, ctas});
+  if (grouped) out.insert(out.end(), {groups.tiles_per_group, groups.count, ctas});
   return out;
 }
 
