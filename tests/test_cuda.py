@@ -181,10 +181,30 @@ def test_fused_passes_match_reference(dtype, shape, walks, monkeypatch):
     monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", walks[0])
     monkeypatch.setenv("BNX_CUDA_L2_GROUPS", walks[1])
     monkeypatch.setenv("BNX_CUDA_L2_GROUPS_BARRIERS", walks[2:])
+    _fused_passes_against_float64(shape, dtype, torch.contiguous_format)
+
+
+@pytest.mark.parametrize("barriers", ["0", "2"], ids=["no_barrier", "two_barriers"])
+@pytest.mark.parametrize("row_bytes", ["", "16"], ids=["row64", "row16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_launch_on_narrowed_channels_last_columns(dtype, row_bytes, barriers, monkeypatch):
+    """The L2-grouped launch where it narrows channels-last tile columns: (16,64,32,32), 16384 rows, with
+    groups of 1.5 MB (BNX_CUDA_L2_GROUP_BYTES) instead of a third of the L2, so the full-width column (256
+    bytes of every row in fp32, 128 in bf16: 4 or 2 MB) is cut to 64 bytes for the forward; the backward's x
+    and dy need 32, which BNX_CUDA_L2_GROUP_ROW_BYTES=16 allows. With and without grid barriers: the float64
+    reference's results."""
+    monkeypatch.setenv("BNX_CUDA_L2_GROUPS", "1")
+    monkeypatch.setenv("BNX_CUDA_L2_GROUPS_BARRIERS", barriers)
+    monkeypatch.setenv("BNX_CUDA_L2_GROUP_BYTES", str(3 << 19))
+    monkeypatch.setenv("BNX_CUDA_L2_GROUP_ROW_BYTES", row_bytes)
+    _fused_passes_against_float64((16, 64, 32, 32), dtype, torch.channels_last)
+
+
+def _fused_passes_against_float64(shape, dtype, memory_format):
     torch.manual_seed(7)
     C = shape[1]
-    x = (torch.randn(shape, device=DEV) * 2 + 1).to(dtype)
-    gy = torch.randn(shape, device=DEV).to(dtype)
+    x = (torch.randn(shape, device=DEV) * 2 + 1).to(dtype).contiguous(memory_format=memory_format)
+    gy = torch.randn(shape, device=DEV).to(dtype).contiguous(memory_format=memory_format)
     w, b = torch.rand(C, device=DEV) + 0.5, torch.randn(C, device=DEV)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
     for formula in ("batch", "frozen"):
