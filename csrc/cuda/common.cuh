@@ -176,6 +176,14 @@ inline bool env_is(const char* name, const char* value) {
   return v != nullptr && std::strcmp(v, value) == 0;
 }
 
+// The positive integer in environment variable `name`, else `fallback` (unset, zero, negative or not a
+// number); read per call like env_is.
+inline int64_t env_positive(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  const long long n = v != nullptr ? std::atoll(v) : 0;
+  return n > 0 ? static_cast<int64_t>(n) : fallback;
+}
+
 // The walk and vector width for a layout and the pointers a pass touches: kPlaneGroups where it gives NCHW
 // planes 16-byte vectors that kPlanes cannot (see Walk), otherwise kPlanes / kRows with vector_width.
 inline Access choose_access(const Layout& L, int64_t element_size, std::initializer_list<const void*> ptrs) {
@@ -524,11 +532,11 @@ __device__ __forceinline__ void reduce_channel(const acc_t* __restrict__ partial
 }
 
 // reduce_channel, then fin from lane 0.
-template <typename acc_t, typename Fin>
+template <bool kCoherent = false, typename acc_t, typename Fin>
 __device__ __forceinline__ void finalize_channel(const acc_t* __restrict__ partial, int64_t splits, int64_t C,
                                                  int64_t c, int lane, const Fin& fin) {
   acc_t a, b;
-  reduce_channel(partial, splits, C, c, lane, a, b);
+  reduce_channel<acc_t, kCoherent>(partial, splits, C, c, lane, a, b);
   if (lane == 0) fin(c, a, b);
 }
 
@@ -661,6 +669,14 @@ __device__ __forceinline__ void map_staged(const Plan& p, Tile t, const Fin& fin
   });
 }
 
+// Maps this CTA's tiles of the group of tile columns [x0, x0 + nx) with what fin wrote (map_staged).
+template <typename acc_t, int V, int W, typename Fin, typename MapOp>
+__device__ __forceinline__ void map_group_staged(const Plan& p, int64_t x0, int64_t nx, const Fin& fin, const MapOp& mop,
+                                                 acc_t* local_a, acc_t* local_b) {
+  for (int64_t i = blockIdx.x; i < nx * p.splits; i += gridDim.x)
+    map_staged<acc_t, V, W>(p, Tile{x0 + i % nx, i / nx}, fin, mop, local_a, local_b);
+}
+
 // Maps this CTA's tiles of the group of tile columns [x0, x0 + nx), finishing each tile's channels from the
 // partial sums itself (local_finalize; the tile of split 0 also calls fin). After a grid barrier.
 template <typename acc_t, int V, int W, typename Fin, typename MapOp>
@@ -698,11 +714,7 @@ __device__ __forceinline__ void finish_column(const Plan& p, int64_t x, const Fi
   if (warp >= warps) return;
   int64_t c0, c1;
   tile_channels(p, x, x + 1, c0, c1);
-  for (int64_t c = c0 + warp; c < c1; c += warps) {
-    acc_t s1, s2;
-    reduce_channel<acc_t, /*kCoherent=*/true>(partial, p.splits, p.C, c, lane, s1, s2);
-    if (lane == 0) fin(c, s1, s2);
-  }
+  for (int64_t c = c0 + warp; c < c1; c += warps) finalize_channel</*kCoherent=*/true>(partial, p.splits, p.C, c, lane, fin);
 }
 
 template <typename acc_t, int V, int W, int kSync, typename SumOp, typename Fin, typename MapOp>
@@ -744,8 +756,7 @@ __global__ void __launch_bounds__(kThreads) grouped_sums_map_kernel(Plan p, Grou
           const auto [x0, nx] = group_columns(p, groups, g - 1);
           if (tid == 0) wait_count(&counts[p.grid_x + g - 1], static_cast<unsigned>(nx));
           __syncthreads();
-          for (int64_t i = blockIdx.x; i < nx * p.splits; i += ctas)
-            map_staged<acc_t, V, W>(p, Tile{x0 + i % nx, i / nx}, fin, mop, local_a, local_b);
+          map_group_staged<acc_t, V, W>(p, x0, nx, fin, mop, local_a, local_b);
         }
       }
       return;
@@ -783,8 +794,7 @@ __global__ void __launch_bounds__(kThreads) grouped_sums_map_kernel(Plan p, Grou
       }
       grid_sync();
     }
-    for (int64_t i = blockIdx.x; i < tiles; i += ctas)
-      map_staged<acc_t, V, W>(p, Tile{x0 + i % nx, i / nx}, fin, mop, local_a, local_b);
+    map_group_staged<acc_t, V, W>(p, x0, nx, fin, mop, local_a, local_b);
   }
 }
 
@@ -823,11 +833,7 @@ inline int64_t l2_bytes() {
 
 // The input bytes a group of the grouped launch may take: a third of the L2, or BNX_CUDA_L2_GROUP_BYTES
 // (for measuring the trade-off: larger groups mean fewer grid barriers but fewer L2 hits).
-inline int64_t group_bytes() {
-  const char* v = std::getenv("BNX_CUDA_L2_GROUP_BYTES");
-  const long long n = v != nullptr ? std::atoll(v) : 0;
-  return n > 0 ? static_cast<int64_t>(n) : l2_bytes() / 3;
-}
+inline int64_t group_bytes() { return env_positive("BNX_CUDA_L2_GROUP_BYTES", l2_bytes() / 3); }
 
 // How many CTAs of `kernel` can be resident at once (a cooperative launch may not use more).
 template <typename K>
@@ -846,11 +852,7 @@ int64_t resident_ctas(K kernel, int threads) {
 // The narrowest channels-last tile column the grouped launch makes, in bytes of every row of one tensor:
 // 64, or BNX_CUDA_L2_GROUP_ROW_BYTES (narrower columns fit in L2 at more rows, but read DRAM in smaller
 // pieces).
-inline int64_t group_row_bytes() {
-  const char* v = std::getenv("BNX_CUDA_L2_GROUP_ROW_BYTES");
-  const long long n = v != nullptr ? std::atoll(v) : 0;
-  return n > 0 ? static_cast<int64_t>(n) : 64;
-}
+inline int64_t group_row_bytes() { return env_positive("BNX_CUDA_L2_GROUP_ROW_BYTES", 64); }
 
 // Channels-last: a rows tile column is tx lanes of `lane_bytes` wide (512 bytes of every row at 32 lanes),
 // so with many rows one column's inputs outgrow a group and nothing is re-read from L2. Halves the lanes
