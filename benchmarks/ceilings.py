@@ -19,12 +19,11 @@ The speedups at a ceiling divide it by the peer's measured frac, so they assume 
 """
 import argparse
 import json
-import math
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bnx.bench import RESNET, TARGETS  # noqa: E402
+from bnx.bench import RESNET, TARGETS, geomean  # noqa: E402
 
 COMPULSORY = 5  # tensor transfers of the training forward + backward
 
@@ -42,10 +41,6 @@ def transfers(case, l2_bytes, group_fraction, sector):
     fwd = 2 if group_bytes <= room else 3
     bwd = 3 if 2 * group_bytes <= room else 5
     return fwd, bwd
-
-
-def geomean(v):
-    return math.exp(sum(math.log(x) for x in v) / len(v)) if v else float("nan")
 
 
 def main(argv=None):
