@@ -785,15 +785,14 @@ __global__ void __launch_bounds__(kThreads) grouped_sums_map_kernel(Plan p, Grou
       map_group_finishing_locally<acc_t, V, W>(p, x0, nx, fin, mop, partial, local_a, local_b);
       continue;
     }
-    if (p.splits > 1) {
-      int64_t c0, c1;
-      tile_channels(p, x0, x0 + nx, c0, c1);
-      if (warp < warps) {
-        for (int64_t c = c0 + static_cast<int64_t>(blockIdx.x) * warps + warp; c < c1; c += ctas * warps)
-          finalize_channel(partial, p.splits, p.C, c, lane, fin);
-      }
-      grid_sync();
+    // Several splits per column (one split continued above): finish the group's channels across the grid.
+    int64_t c0, c1;
+    tile_channels(p, x0, x0 + nx, c0, c1);
+    if (warp < warps) {
+      for (int64_t c = c0 + static_cast<int64_t>(blockIdx.x) * warps + warp; c < c1; c += ctas * warps)
+        finalize_channel(partial, p.splits, p.C, c, lane, fin);
     }
+    grid_sync();
     map_group_staged<acc_t, V, W>(p, x0, nx, fin, mop, local_a, local_b);
   }
 }
