@@ -4,7 +4,8 @@
 #   tests  - every CUDA test case (pytest -k cuda), compile tests last, large (>2^31 elements) included
 #   cli    - python -m bnx explain / check on CUDA
 #   bench  - the benchmark; arguments after "--" go to it; then benchmarks/ceilings.py on its JSON
-#   groups - the training passes with each walk switch off and on (BNX_CUDA_PLANE_GROUPS, BNX_CUDA_L2_GROUPS)
+#   groups - the training passes with each walk switch off and on (BNX_CUDA_PLANE_GROUPS, BNX_CUDA_L2_GROUPS,
+#            BNX_CUDA_PDL)
 #   plans  - other launch-plan sizes of the sums and map kernels against the defaults (BNX_CUDA_SUMS_PLAN,
 #            BNX_CUDA_MAP_PLAN; not in the default stages), compared case by case by benchmarks/compare_runs.py
 #   sanitize - compute-sanitizer memcheck and racecheck on the fused passes (small shapes; not in the default
@@ -97,13 +98,14 @@ run_bench() {
 
 run_groups() {
   # Each walk switch against the defaults on the training passes, same machine, native in every run:
-  # config "PL[B]" sets BNX_CUDA_PLANE_GROUPS=P, BNX_CUDA_L2_GROUPS=L and BNX_CUDA_L2_GROUPS_BARRIERS=B
-  # (GROUPS_CONFIGS, default "10 11 110": the defaults, the L2-grouped launch with one grid barrier per group
-  # in NCHW, and with none (per-column counts, any layout); "112": two barriers per group everywhere; "00": plane
+  # config "PL[B[D]]" sets BNX_CUDA_PLANE_GROUPS=P, BNX_CUDA_L2_GROUPS=L, BNX_CUDA_L2_GROUPS_BARRIERS=B and
+  # BNX_CUDA_PDL=D (GROUPS_CONFIGS, default "10 11 110 1001": the defaults, the L2-grouped launch with one grid
+  # barrier per group in NCHW, and with none (per-column counts, any layout), and the defaults with programmatic
+  # dependent launches (B is unused without L2 groups); "112": two barriers per group everywhere; "00": plane
   # groups off). The grouped launch narrows channels-last columns to fit in L2, down to BNX_CUDA_L2_GROUP_ROW_BYTES
   # (default 64) bytes of every row; set it in the environment to compare floors.
-  for cfg in ${GROUPS_CONFIGS:-10 11 110}; do
-    BNX_CUDA_PLANE_GROUPS=${cfg:0:1} BNX_CUDA_L2_GROUPS=${cfg:1:1} BNX_CUDA_L2_GROUPS_BARRIERS=${cfg:2:1} \
+  for cfg in ${GROUPS_CONFIGS:-10 11 110 1001}; do
+    BNX_CUDA_PLANE_GROUPS=${cfg:0:1} BNX_CUDA_L2_GROUPS=${cfg:1:1} BNX_CUDA_L2_GROUPS_BARRIERS=${cfg:2:1} BNX_CUDA_PDL=${cfg:3:1} \
       timeout -s INT -k 10 "$(cap ${GROUPS_TIMEOUT:-200})" \
       "$PY" -m bnx bench --device cuda --shapes "${GROUPS_SHAPES:-gpu}" --passes "${GROUPS_PASSES:-train_fwd,train_bwd,train_fwd_bwd}" \
       --peers native --json "$OUT/groups-$cfg.json" --md "$OUT/groups-$cfg.md" 2> "$OUT/groups-$cfg-progress.log" \
@@ -133,8 +135,9 @@ run_sanitize() {
   # allocation); racecheck: shared-memory races, which the CPU emulation cannot see. Both slow kernels down
   # by orders of magnitude, hence small shapes (ids shape0-4: up to (5,16,14,14)) and four of the six walk
   # configurations, plus one case of the barrier-free grouped launch on narrowed channels-last columns (fp32,
-  # (16,64,32,32)); SANITIZE_TESTS overrides the -k expression.
-  local k="${SANITIZE_TESTS:-(test_fused_passes_match_reference and (default or l2_groups_plane_groups_off or two_barriers or no_barrier) and not shape5 and not shape6) or (narrowed_channels_last and no_barrier and row16 and dtype0)}"
+  # (16,64,32,32)) and one of the programmatic dependent launches (fp32 channels-last (32,64,28,28), many
+  # splits per channel); SANITIZE_TESTS overrides the -k expression.
+  local k="${SANITIZE_TESTS:-(test_fused_passes_match_reference and (default or l2_groups_plane_groups_off or two_barriers or no_barrier) and not shape5 and not shape6) or (narrowed_channels_last and no_barrier and row16 and dtype0) or (programmatic_dependent_launch and shape1 and dtype0 and nhwc)}"
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 10 "$(cap ${SANITIZE_TIMEOUT:-150})" \
       compute-sanitizer --tool "$tool" --error-exitcode 99 \

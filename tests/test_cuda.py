@@ -15,9 +15,12 @@ ops = torch.ops.bnx
 DEV = "cuda"
 
 
-def test_runs_on_current_stream():
+@pytest.mark.parametrize("pdl", ["0", "1"], ids=["plain", "pdl"])
+def test_runs_on_current_stream(pdl, monkeypatch):
     """Kernels are launched on the current stream: work queued behind a long sleep on a side
-    stream is seen by bnx (a kernel on the default stream would read stale data)."""
+    stream is seen by bnx (a kernel on the default stream would read stale data). Also with the
+    programmatic dependent launches (BNX_CUDA_PDL=1)."""
+    monkeypatch.setenv("BNX_CUDA_PDL", pdl)
     torch.manual_seed(53)
     shape = (16, 8, 32, 32)
     old = torch.randn(shape, device=DEV)
@@ -44,14 +47,16 @@ def test_runs_on_current_stream():
     assert_close(y_op, expected[0], 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("l2_groups", ["0", "1"], ids=["default", "l2_groups"])
+@pytest.mark.parametrize("switch", ["", "BNX_CUDA_L2_GROUPS", "BNX_CUDA_PDL"], ids=["default", "l2_groups", "pdl"])
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "num_batches_tracked"])
-def test_cuda_graph_capture(momentum, l2_groups, monkeypatch):
+def test_cuda_graph_capture(momentum, switch, monkeypatch):
     """Functional train forward (with running-stat update; momentum=None reads
     num_batches_tracked on the device) + backward ops captured in a CUDA graph; replay on new
     data equals eager execution (no host synchronization inside). Also with BNX_CUDA_L2_GROUPS=1, whose
-    cooperative launches must be capturable too."""
-    monkeypatch.setenv("BNX_CUDA_L2_GROUPS", l2_groups)
+    cooperative launches must be capturable too, and with BNX_CUDA_PDL=1 (programmatic dependent launches
+    become programmatic edges of the graph)."""
+    if switch:
+        monkeypatch.setenv(switch, "1")
     torch.manual_seed(54)
     shape, C = (8, 6, 16, 16), 6
     w, b = torch.rand(C, device=DEV) + 0.5, torch.randn(C, device=DEV)
@@ -200,8 +205,23 @@ def test_grouped_launch_on_narrowed_channels_last_columns(dtype, row_bytes, barr
     _fused_passes_against_float64((16, 64, 32, 32), dtype, torch.channels_last)
 
 
-def _fused_passes_against_float64(shape, dtype, memory_format):
-    torch.manual_seed(7)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(6, 5, 7, 9), (32, 64, 28, 28), (2, 8, 3, 3)])
+def test_programmatic_dependent_launch(shape, dtype, memory_format, monkeypatch):
+    """With BNX_CUDA_PDL=1 the finalize and map kernels are launched while the kernel before them may still
+    run, and wait for it on the GPU (griddepcontrol): the fused training forward and both backward formulas
+    still give the float64 reference's results, with channels split over many CTAs ((32,64,28,28), whose
+    finalize step has many partial sums to add) and over one ((2,8,3,3): no finalize launch, the map
+    follows the sums directly). Five inputs in turn: a kernel that did not wait would read the statistics or
+    sums of the call before (likely the same buffers, other values)."""
+    monkeypatch.setenv("BNX_CUDA_PDL", "1")
+    for seed in range(5):
+        _fused_passes_against_float64(shape, dtype, memory_format, seed)
+
+
+def _fused_passes_against_float64(shape, dtype, memory_format, seed=7):
+    torch.manual_seed(seed)
     C = shape[1]
     x = (torch.randn(shape, device=DEV) * 2 + 1).to(dtype).contiguous(memory_format=memory_format)
     gy = torch.randn(shape, device=DEV).to(dtype).contiguous(memory_format=memory_format)

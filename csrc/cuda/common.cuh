@@ -184,6 +184,44 @@ inline int64_t env_positive(const char* name, int64_t fallback) {
   return n > 0 ? static_cast<int64_t>(n) : fallback;
 }
 
+// Programmatic dependent launch (BNX_CUDA_PDL=1, opt-in until measured; compute capability 9.0 and up): a
+// kernel that needs the results of the bnx kernel launched just before it on the stream (the finalize step
+// after the sums, the map after them) may be launched while that one still runs. Its CTAs become resident
+// and wait in wait_for_prior_grids() until the earlier grid has finished and its writes are visible, so
+// the launch latency and the earlier grid's tail overlap instead of adding up: the launch-bound passes are
+// three short kernels each. Every bnx kernel waits before touching memory, so the launch is safe after any
+// kernel; it is used only after bnx's own.
+inline bool pdl_enabled() {
+#ifdef BNX_CUDA_EMULATION
+  return false;  // the emulation runs launches one after another anyway
+#else
+  return env_is("BNX_CUDA_PDL", "1") && at::cuda::getCurrentDeviceProperties()->major >= 9;
+#endif
+}
+
+// launch_kernel for a kernel that reads what the bnx kernel before it on the stream wrote: as a programmatic
+// dependent launch where pdl_enabled(), else a plain one.
+template <typename... Params, typename... Args>
+void launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, const Args&... args) {
+#ifndef BNX_CUDA_EMULATION
+  if (pdl_enabled()) {
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = 0;
+    config.stream = at::cuda::getCurrentCUDAStream();
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+    return;
+  }
+#endif
+  launch_kernel(kernel, grid, block, args...);
+}
+
 // The walk and vector width for a layout and the pointers a pass touches: kPlaneGroups where it gives NCHW
 // planes 16-byte vectors that kPlanes cannot (see Walk), otherwise kPlanes / kRows with vector_width.
 inline Access choose_access(const Layout& L, int64_t element_size, std::initializer_list<const void*> ptrs) {
@@ -540,18 +578,43 @@ __device__ __forceinline__ void finalize_channel(const acc_t* __restrict__ parti
   if (lane == 0) fin(c, a, b);
 }
 
+// The two halves of a programmatic dependent launch (see pdl_enabled), called first thing by every bnx kernel
+// that a launch_dependent may follow or precede: wait until the grids this one depends on have finished and
+// their writes are visible (returns at once when the kernel was launched plainly), then let the next kernel
+// on the stream be launched early. griddepcontrol needs sm_90; on older targets both are nothing.
+__device__ __forceinline__ void wait_for_prior_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependent_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// Both, in that order: a dependent of this kernel may become resident once this one runs, never before the
+// grids this one waits for are done.
+__device__ __forceinline__ void begin_dependent_grid() {
+  wait_for_prior_grids();
+  allow_dependent_grids();
+}
+
 constexpr int kFinalizeWarps = 4;
 
 // One warp per channel.
 template <typename acc_t, typename Fin>
 __global__ void finalize_kernel(const acc_t* __restrict__ partial, int64_t splits, int64_t C, Fin fin) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeWarps + threadIdx.x / 32;
+  begin_dependent_grid();
   if (c >= C) return;  // whole warps leave together: c is uniform in a warp
   finalize_channel(partial, splits, C, c, threadIdx.x % 32, fin);
 }
 
 template <typename acc_t, int V, int W, typename Op, typename Fin>
 __global__ void __launch_bounds__(kThreads) channel_sums_kernel(Plan p, Op op, Fin fin, acc_t* __restrict__ partial) {
+  begin_dependent_grid();
   sum_tile<acc_t, V, W>(p, block_tile(p), op, fin, partial);
 }
 
@@ -564,6 +627,7 @@ __device__ __forceinline__ void map_tile(const Plan& p, Tile t, const Op& op) {
 
 template <typename acc_t, int V, int W, typename Op>
 __global__ void __launch_bounds__(kThreads) channel_map_kernel(Plan p, Op op) {
+  begin_dependent_grid();
   map_tile<acc_t, V, W>(p, block_tile(p), op);
 }
 
@@ -812,14 +876,19 @@ void launch_sums(const Plan& p, const Op& op, const Fin& fin, const at::Tensor& 
   TORCH_INTERNAL_ASSERT(p.splits <= 1 || workspace.numel() >= p.splits * p.C * 2, "bnx: workspace too small");
   launch_kernel(&channel_sums_kernel<acc_t, V, W, Op, Fin>, p.grid(), p.block(), p, op, fin, partial);
   if (p.splits > 1) {
-    launch_kernel(&finalize_kernel<acc_t, Fin>, dim3(static_cast<unsigned>(ceil_div(p.C, kFinalizeWarps))),
-                  dim3(kFinalizeWarps * 32), static_cast<const acc_t*>(partial), p.splits, p.C, fin);
+    launch_dependent(&finalize_kernel<acc_t, Fin>, dim3(static_cast<unsigned>(ceil_div(p.C, kFinalizeWarps))),
+                     dim3(kFinalizeWarps * 32), static_cast<const acc_t*>(partial), p.splits, p.C, fin);
   }
 }
 
+// The map pass; after_sums: it reads what the sums launched just before it produced (launch_dependent).
 template <typename acc_t, int V, int W, typename Op>
-void launch_map(const Plan& p, const Op& op) {
-  launch_kernel(&channel_map_kernel<acc_t, V, W, Op>, p.grid(), p.block(), p, op);
+void launch_map(const Plan& p, const Op& op, bool after_sums = false) {
+  if (after_sums) {
+    launch_dependent(&channel_map_kernel<acc_t, V, W, Op>, p.grid(), p.block(), p, op);
+  } else {
+    launch_kernel(&channel_map_kernel<acc_t, V, W, Op>, p.grid(), p.block(), p, op);
+  }
 }
 
 inline int64_t l2_bytes() {
@@ -933,7 +1002,7 @@ void launch_sums_then_map(const Plan& ps, const Layout& L, Access a, int64_t ele
   if (env_is("BNX_CUDA_L2_GROUPS", "1") && launch_grouped<acc_t, V, W>(ps, L, element_bytes, inputs, sop, fin, mop, like))
     return;
   launch_sums<acc_t, V, W>(ps, sop, fin, partial_workspace<acc_t>(ps, like));
-  launch_map<acc_t, V, W>(map_plan(L, a, /*reverse=*/true), mop);
+  launch_map<acc_t, V, W>(map_plan(L, a, /*reverse=*/true), mop, /*after_sums=*/true);
 }
 
 // Calls f(std::integral_constant<int, V>, std::integral_constant<int, walk>) for the plan's vector width
