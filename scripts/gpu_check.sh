@@ -98,20 +98,28 @@ run_bench() {
 
 run_groups() {
   # Each walk switch against the defaults on the training passes, same machine, native in every run:
-  # config "PL[B[D]]" sets BNX_CUDA_PLANE_GROUPS=P, BNX_CUDA_L2_GROUPS=L, BNX_CUDA_L2_GROUPS_BARRIERS=B and
-  # BNX_CUDA_PDL=D (GROUPS_CONFIGS, default "10 11 110 1001": the defaults, the L2-grouped launch with one grid
-  # barrier per group in NCHW, and with none (per-column counts, any layout), and the defaults with programmatic
-  # dependent launches (B is unused without L2 groups); "112": two barriers per group everywhere; "00": plane
-  # groups off). The grouped launch narrows channels-last columns to fit in L2, down to BNX_CUDA_L2_GROUP_ROW_BYTES
-  # (default 64) bytes of every row; set it in the environment to compare floors.
-  for cfg in ${GROUPS_CONFIGS:-10 11 110 1001}; do
-    BNX_CUDA_PLANE_GROUPS=${cfg:0:1} BNX_CUDA_L2_GROUPS=${cfg:1:1} BNX_CUDA_L2_GROUPS_BARRIERS=${cfg:2:1} BNX_CUDA_PDL=${cfg:3:1} \
+  # config "PL[B[D]]" sets BNX_CUDA_PLANE_GROUPS=P, BNX_CUDA_L2_GROUPS=L (a: auto), BNX_CUDA_L2_GROUPS_BARRIERS=B
+  # and BNX_CUDA_PDL=D (GROUPS_CONFIGS, default "10 110 1a 1001": the defaults; the L2-grouped launch without
+  # grid barriers (per-column counts, any layout) everywhere; the same only where it buys L2 reuse (auto); the
+  # defaults with programmatic dependent launches (B is unused without L2 groups). Also: "11": one barrier per
+  # group in NCHW; "112": two barriers per group everywhere; "00": plane groups off). The grouped launch narrows
+  # channels-last columns to fit in L2, down to BNX_CUDA_L2_GROUP_ROW_BYTES (default 64) bytes of every row; set
+  # it in the environment to compare floors.
+  local cfg l2 files=()
+  for cfg in ${GROUPS_CONFIGS:-10 110 1a 1001}; do
+    l2=${cfg:1:1}
+    [ "$l2" = a ] && l2=auto
+    BNX_CUDA_PLANE_GROUPS=${cfg:0:1} BNX_CUDA_L2_GROUPS=$l2 BNX_CUDA_L2_GROUPS_BARRIERS=${cfg:2:1} BNX_CUDA_PDL=${cfg:3:1} \
       timeout -s INT -k 10 "$(cap ${GROUPS_TIMEOUT:-200})" \
       "$PY" -m bnx bench --device cuda --shapes "${GROUPS_SHAPES:-gpu}" --passes "${GROUPS_PASSES:-train_fwd,train_bwd,train_fwd_bwd}" \
       --peers native --json "$OUT/groups-$cfg.json" --md "$OUT/groups-$cfg.md" 2> "$OUT/groups-$cfg-progress.log" \
       | tee "$OUT/groups-$cfg-summary.txt" | head -n 20
     echo "groups $cfg rc=${PIPESTATUS[0]}"
+    [ -f "$OUT/groups-$cfg.json" ] && files+=("$OUT/groups-$cfg.json")
   done
+  # Case by case against the first configuration (the defaults), one table.
+  [ ${#files[@]} -ge 2 ] && "$PY" benchmarks/compare_runs.py "${files[@]}" --md "$OUT/groups.md" | tail -n 40
+  return 0
 }
 
 run_plans() {

@@ -205,6 +205,20 @@ def test_grouped_launch_on_narrowed_channels_last_columns(dtype, row_bytes, barr
     _fused_passes_against_float64((16, 64, 32, 32), dtype, torch.channels_last)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,memory_format", [((32, 16, 64, 64), torch.contiguous_format),
+                                                 ((8, 128, 32, 32), torch.channels_last)], ids=["nchw", "nhwc"])
+def test_auto_l2_groups_match_reference(shape, memory_format, dtype, monkeypatch):
+    """BNX_CUDA_L2_GROUPS=auto with 1 MiB groups (BNX_CUDA_L2_GROUP_BYTES), so that test-sized inputs count as
+    larger than the L2 (3 MiB) and their columns fit in a group (NCHW: 256-512 KiB channels; channels-last:
+    columns narrowed to 64 bytes of every row, 512 KiB of x): the barrier-free grouped launch, where the rule
+    takes it (which one it took is tested in the emulation), gives the float64 reference's results."""
+    monkeypatch.setenv("BNX_CUDA_L2_GROUPS", "auto")
+    monkeypatch.setenv("BNX_CUDA_L2_GROUP_BYTES", str(1 << 20))
+    monkeypatch.delenv("BNX_CUDA_L2_GROUP_ROW_BYTES", raising=False)
+    _fused_passes_against_float64(shape, dtype, memory_format)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(6, 5, 7, 9), (32, 64, 28, 28), (2, 8, 3, 3)])

@@ -204,7 +204,7 @@ def test_grouped_plan_sizes_groups_by_the_l2(emu, monkeypatch, l2_kib, tiles_per
     CTAs (2 SMs x 2) and no more than the group's tiles."""
     monkeypatch.setenv("BNX_EMULATED_L2_BYTES", str(l2_kib * 1024))
     x = _tensor((16, 16, 16, 16), torch.float32, "nchw")
-    walk, V, grid_x, splits, tx, ty, rows_per_split, per_group, count, ctas = emu.plan(x, "grouped")
+    walk, V, grid_x, splits, tx, ty, rows_per_split, per_group, count, ctas, _ = emu.plan(x, "grouped")
     assert (walk, grid_x) == (KPLANES, 16)
     assert (per_group, count) == (tiles_per_group, 16 // tiles_per_group)
     assert 1 <= ctas <= min(4, per_group * splits)
@@ -228,13 +228,71 @@ def test_grouped_plan_narrows_channels_last_columns(emu, monkeypatch, l2_kib, ro
     monkeypatch.setenv("BNX_EMULATED_L2_BYTES", str(l2_kib * 1024))
     monkeypatch.setenv("BNX_CUDA_L2_GROUP_ROW_BYTES", row_bytes)
     x = _tensor((64, 32, 4, 4), torch.float32, "cl")
-    walk, V, grid_x, splits, got_tx, ty, rows_per_split, per_group, count, ctas = emu.plan(x, kind)
+    walk, V, grid_x, splits, got_tx, ty, rows_per_split, per_group, count, ctas, _ = emu.plan(x, kind)
     assert (walk, V) == (KROWS, 4)
     assert (got_tx, ty, grid_x) == (tx, 256 // tx, 8 // tx)
     column = 1024 * tx * 4 * 4 * (1 if kind == "grouped" else 2)
     if tx < 8:
         assert column <= l2_kib * 1024 // 3 and per_group * count >= grid_x
     assert splits * rows_per_split >= 1024
+
+
+AUTO_CASES = [
+    # shape, layout, emulated L2 KiB, BNX_CUDA_L2_GROUP_ROW_BYTES, kind, expected (lanes across a row, reuses)
+    # fp32 NCHW (16,16,16,16): 16 channels of 16 KiB (256 KiB; x and dy 512 KiB), one channel a column
+    ((16, 16, 16, 16), "nchw", 1024, "", "grouped", (16, 0)),          # the input fits in the L2
+    ((16, 16, 16, 16), "nchw", 192, "", "grouped", (16, 1)),           # 256 KiB over 192; 16 KiB in 64 KiB groups
+    ((16, 16, 16, 16), "nchw", 192, "", "grouped_backward", (16, 1)),  # 32 KiB columns
+    ((16, 16, 16, 16), "nchw", 48, "", "grouped_backward", (16, 0)),   # 32 KiB columns over 16 KiB groups
+    ((16, 16, 16, 16), "nchw", 48, "", "grouped", (16, 1)),
+    # fp32 channels-last (64,32,4,4): 1024 rows of 32 channels (128 KiB), 8 lanes of 4 channels a row
+    ((64, 32, 4, 4), "cl", 96, "", "grouped", (8, 0)),     # even 64 bytes a row (64 KiB) over 32 KiB groups
+    ((64, 32, 4, 4), "cl", 96, "16", "grouped", (2, 1)),   # 32 bytes a row fit
+    ((64, 32, 4, 4), "cl", 512, "16", "grouped", (8, 0)),  # fits in the L2 whole
+]
+
+
+@pytest.mark.parametrize("shape,layout,l2_kib,row_bytes,kind,expected", AUTO_CASES,
+                         ids=[f"{'x'.join(map(str, c[0]))}-{c[1]}-l2_{c[2]}k-row{c[3] or 64}-{c[4]}" for c in AUTO_CASES])
+def test_auto_l2_groups_takes_the_grouped_launch_where_it_reuses_l2(emu, monkeypatch, shape, layout, l2_kib, row_bytes,
+                                                                      kind, expected):
+    """BNX_CUDA_L2_GROUPS=auto takes the (barrier-free) grouped launch only where it buys L2 reuse that the two
+    launches do not get: a tile column (after narrowing, in channels-last) fits in a group (a third of the L2)
+    and the pass's inputs (x; x and dy for the backward) are larger than the L2. The plan's last field says
+    which; the lanes show the channels-last narrowing it was decided on."""
+    monkeypatch.setenv("BNX_EMULATED_L2_BYTES", str(l2_kib * 1024))
+    monkeypatch.setenv("BNX_CUDA_L2_GROUP_ROW_BYTES", row_bytes)
+    monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", "1")
+    plan = emu.plan(_tensor(shape, torch.float32, layout), kind)
+    lanes = plan[4] if layout == "cl" else plan[2]  # channels-last: tx; NCHW: one column per channel
+    assert (lanes, plan[10]) == expected
+
+
+@pytest.mark.parametrize("dtype,l2_kib,cl_backward_grouped", [(torch.float32, 1536, 1), (torch.bfloat16, 768, 0)],
+                         ids=["float32", "bfloat16"])
+def test_emulated_ops_with_auto_l2_groups(emu, monkeypatch, dtype, l2_kib, cl_backward_grouped):
+    """Every op with BNX_CUDA_L2_GROUPS=auto: NCHW (64,8,32,32) and channels-last (64,32,16,16) take the
+    grouped launch for the forward and (but for the bf16 channels-last backward, whose narrowest column, one
+    16-byte lane of x and dy a row, is 512 KiB) the backward, with several splits per column; (2,4,8,8) fits
+    in the L2 and takes the two launches. The CPU ops' results in every case, and the count of cooperative
+    launches shows which launch each op took."""
+    monkeypatch.setenv("BNX_EMULATED_SMS", "8")
+    monkeypatch.setenv("BNX_EMULATED_L2_BYTES", str(l2_kib * 1024))
+    monkeypatch.setenv("BNX_CUDA_L2_GROUP_ROW_BYTES", "8")
+    monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", "1")
+    monkeypatch.setenv("BNX_CUDA_L2_GROUPS", "auto")
+    monkeypatch.delenv("BNX_CUDA_L2_GROUPS_BARRIERS", raising=False)
+    for shape, layout, grouped in [((64, 8, 32, 32), "nchw", (1, 1)), ((64, 32, 16, 16), "cl", (1, cl_backward_grouped)),
+                                   ((2, 4, 8, 8), "nchw", (0, 0))]:
+        x = _tensor(shape, dtype, layout)
+        fwd, bwd = emu.plan(x, "grouped"), emu.plan(x, "grouped_backward")
+        assert (fwd[10], bwd[10]) == grouped, shape
+        for plan, used in zip((fwd, bwd), grouped):
+            assert not used or plan[3] > 1, shape  # several splits: columns finished from partial sums
+        before = emu.emulated_cooperative_launches()
+        _assert_matches_cpu_ops(emu, _inputs(shape, dtype, layout), dtype, f"{shape} {layout} ")
+        # what the ops took: _run_all makes one training forward and two batch backwards with grad_input
+        assert emu.emulated_cooperative_launches() - before == grouped[0] + 2 * grouped[1], shape
 
 
 @pytest.mark.parametrize("barriers", ["0", "2"], ids=["no_barrier", "two_barriers"])

@@ -954,17 +954,27 @@ inline Plan grouped_plan(Plan p, const Layout& L, int64_t element_bytes, int64_t
   return p;
 }
 
+// Whether the grouped plan `p` buys L2 reuse that the two launches do not get (BNX_CUDA_L2_GROUPS=auto takes
+// the grouped launch only then): its tile columns fit in a group, so the map re-reads what the sums read
+// from L2, and the pass's inputs are larger than the L2 (three groups' worth), so the two launches' map,
+// walking back from where the sums ended, would find only part of them there.
+inline bool grouped_reuses_l2(const Plan& p, const Layout& L, int64_t input_bytes_per_element) {
+  const int64_t column_bytes = L.rows * channels_per_tile(p) * input_bytes_per_element;
+  return column_bytes <= group_bytes() && L.rows * L.C * input_bytes_per_element > 3 * group_bytes();
+}
+
 // Runs the sums pass (sop, fin) and then the map pass (mop) over `p`'s tiles as one grouped cooperative
 // launch (see grouped_sums_map_kernel and grouped_plan). Launches nothing and returns false when the kernel
-// cannot be resident.
+// cannot be resident, or with only_if_reuse when the plan does not pass grouped_reuses_l2.
 template <typename acc_t, int V, int W, int kSync, typename SumOp, typename Fin, typename MapOp>
 bool launch_grouped_kernel(const Plan& sums, const Layout& L, int64_t element_bytes, int64_t inputs, const SumOp& sop,
-                           const Fin& fin, const MapOp& mop, const at::Tensor& like) {
+                           const Fin& fin, const MapOp& mop, const at::Tensor& like, bool only_if_reuse) {
   auto kernel = &grouped_sums_map_kernel<acc_t, V, W, kSync, SumOp, Fin, MapOp>;
   Groups groups;
   int64_t ctas = 0;
   const Plan p = grouped_plan(sums, L, element_bytes, inputs, resident_ctas(kernel, sums.tx * sums.ty), groups, ctas);
   if (ctas < 1) return false;
+  if (only_if_reuse && !grouped_reuses_l2(p, L, element_bytes * inputs)) return false;
   const at::Tensor workspace = partial_workspace<acc_t>(p, like);
   acc_t* partial = p.splits > 1 ? workspace.mutable_data_ptr<acc_t>() : nullptr;
   // kNoBarrier's counts, from zero: finished splits per tile column, then finished columns per group.
@@ -980,26 +990,31 @@ bool launch_grouped_kernel(const Plan& sums, const Layout& L, int64_t element_by
 
 template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
 bool launch_grouped(const Plan& sums, const Layout& L, int64_t element_bytes, int64_t inputs, const SumOp& sop,
-                    const Fin& fin, const MapOp& mop, const at::Tensor& like) {
-  // BNX_CUDA_L2_GROUPS_BARRIERS=0: no grid barrier (every walk). Otherwise, where a tile has few channels
-  // (NCHW): one barrier per group, two with =2; channels-last tiles (up to 256 channels, many splits) take two.
-  if (env_is("BNX_CUDA_L2_GROUPS_BARRIERS", "0"))
-    return launch_grouped_kernel<acc_t, V, W, kNoBarrier>(sums, L, element_bytes, inputs, sop, fin, mop, like);
+                    const Fin& fin, const MapOp& mop, const at::Tensor& like, bool only_if_reuse) {
+  // BNX_CUDA_L2_GROUPS_BARRIERS=0 (and BNX_CUDA_L2_GROUPS=auto): no grid barrier (every walk). Otherwise, where
+  // a tile has few channels (NCHW): one barrier per group, two with =2; channels-last tiles (up to 256
+  // channels, many splits) take two.
+  if (only_if_reuse || env_is("BNX_CUDA_L2_GROUPS_BARRIERS", "0"))
+    return launch_grouped_kernel<acc_t, V, W, kNoBarrier>(sums, L, element_bytes, inputs, sop, fin, mop, like,
+                                                          only_if_reuse);
   if constexpr (W != kRows) {
     if (!env_is("BNX_CUDA_L2_GROUPS_BARRIERS", "2"))
-      return launch_grouped_kernel<acc_t, V, W, kOneBarrier>(sums, L, element_bytes, inputs, sop, fin, mop, like);
+      return launch_grouped_kernel<acc_t, V, W, kOneBarrier>(sums, L, element_bytes, inputs, sop, fin, mop, like, false);
   }
-  return launch_grouped_kernel<acc_t, V, W, kTwoBarriers>(sums, L, element_bytes, inputs, sop, fin, mop, like);
+  return launch_grouped_kernel<acc_t, V, W, kTwoBarriers>(sums, L, element_bytes, inputs, sop, fin, mop, like, false);
 }
 
 // A sums pass (sop, fin) and the map pass (mop) that needs its results, over the tiles of the sums plan `ps`:
-// one grouped launch with BNX_CUDA_L2_GROUPS=1 (where the kernel can be resident), else the two passes (and
-// the finalize step) as separate launches, the map walking in reverse so that it starts where the sums
-// ended, still in L2.
+// one grouped launch with BNX_CUDA_L2_GROUPS=1 (where the kernel can be resident), or with
+// BNX_CUDA_L2_GROUPS=auto its barrier-free form where grouped_reuses_l2; else the two passes (and the
+// finalize step) as separate launches, the map walking in reverse so that it starts where the sums ended,
+// still in L2.
 template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
 void launch_sums_then_map(const Plan& ps, const Layout& L, Access a, int64_t element_bytes, int64_t inputs,
                           const SumOp& sop, const Fin& fin, const MapOp& mop, const at::Tensor& like) {
-  if (env_is("BNX_CUDA_L2_GROUPS", "1") && launch_grouped<acc_t, V, W>(ps, L, element_bytes, inputs, sop, fin, mop, like))
+  const bool auto_groups = env_is("BNX_CUDA_L2_GROUPS", "auto");
+  if ((auto_groups || env_is("BNX_CUDA_L2_GROUPS", "1")) &&
+      launch_grouped<acc_t, V, W>(ps, L, element_bytes, inputs, sop, fin, mop, like, /*only_if_reuse=*/auto_groups))
     return;
   launch_sums<acc_t, V, W>(ps, sop, fin, partial_workspace<acc_t>(ps, like));
   launch_map<acc_t, V, W>(map_plan(L, a, /*reverse=*/true), mop, /*after_sums=*/true);

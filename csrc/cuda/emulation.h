@@ -355,11 +355,18 @@ inline void check_aligned(const void* p, size_t bytes) {
   }
 }
 
+// How many cooperative launches ran (tests read it to see which launch an op took).
+inline std::atomic<int64_t>& cooperative_launches() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+
 // A cooperative launch: every block at once, each on its own OS thread, so that grid_sync() can wait for
 // all of them.
 inline void launch_cooperative(dim3 grid, dim3 block, const std::function<void()>& body) {
   const unsigned blocks = grid.x * grid.y * grid.z;
   if (blocks == 0) return;
+  ++cooperative_launches();
   TORCH_CHECK(blocks <= 256, "cuda emulation: cooperative launch of ", blocks, " blocks");
   GridBarrier barrier(static_cast<int>(blocks));
   std::vector<std::thread> threads;

@@ -10,7 +10,8 @@ namespace {
 
 // [walk, V, grid_x, splits, tx, ty, rows_per_split] of the sums ("sums") or map ("map") plan that the ops
 // use for `input` (pointers: input alone); "grouped" (the L2-grouped launch of a training forward: x alone)
-// and "grouped_backward" (of a batch backward: x and dy) append [tiles_per_group, groups, ctas].
+// and "grouped_backward" (of a batch backward: x and dy) append [tiles_per_group, groups, ctas, reuses_l2]
+// (reuses_l2: whether BNX_CUDA_L2_GROUPS=auto takes the grouped launch).
 std::vector<int64_t> plan_of(const at::Tensor& input, c10::string_view kind) {
   const Layout L = layout_of(input);
   const Access a = choose_access(L, input.element_size(), {input.const_data_ptr()});
@@ -24,7 +25,10 @@ std::vector<int64_t> plan_of(const at::Tensor& input, c10::string_view kind) {
     p = grouped_plan(p, L, input.element_size(), kind == "grouped" ? 1 : 2,
                      static_cast<int64_t>(emulation::blocks_per_sm()) * num_sms(), groups, ctas);
   std::vector<int64_t> out{p.walk, p.V, p.grid_x, p.splits, p.tx, p.ty, p.rows_per_split};
-  if (grouped) out.insert(out.end(), {groups.tiles_per_group, groups.count, ctas});
+  if (grouped) {
+    const int64_t reuses = grouped_reuses_l2(p, L, input.element_size() * (kind == "grouped" ? 1 : 2)) ? 1 : 0;
+    out.insert(out.end(), {groups.tiles_per_group, groups.count, ctas, reuses});
+  }
   return out;
 }
 
@@ -71,6 +75,9 @@ at::Tensor emulated_vector_copy(const at::Tensor& input, int64_t offset, int64_t
   return out;
 }
 
+// The number of cooperative (grouped) launches the emulated ops have made so far.
+int64_t emulated_cooperative_launches() { return emulation::cooperative_launches().load(); }
+
 }  // namespace
 }  // namespace cuda
 }  // namespace bnx
@@ -79,6 +86,7 @@ TORCH_LIBRARY_FRAGMENT(bnx_cuda_emulation, m) {
   m.def("plan(Tensor input, str kind) -> int[]");
   m.def("emulated_block_sums(int blocks, int threads, int n_values) -> Tensor");
   m.def("emulated_vector_copy(Tensor input, int offset, int threads) -> Tensor");
+  m.def("emulated_cooperative_launches() -> int");
 }
 
 TORCH_LIBRARY_IMPL(bnx_cuda_emulation, CPU, m) {
@@ -88,4 +96,5 @@ TORCH_LIBRARY_IMPL(bnx_cuda_emulation, CPU, m) {
 
 TORCH_LIBRARY_IMPL(bnx_cuda_emulation, CompositeExplicitAutograd, m) {
   m.impl("emulated_block_sums", &bnx::cuda::emulated_block_sums);
+  m.impl("emulated_cooperative_launches", &bnx::cuda::emulated_cooperative_launches);
 }
