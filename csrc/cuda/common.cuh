@@ -937,15 +937,25 @@ inline void narrow_row_columns(Plan& p, const Layout& L, int64_t lane_bytes, int
   p.grid_x = ceil_div(p.vecs_per_row, tx);
 }
 
-// The grouped launch's plan for `ctas_max` resident CTAs: groups of tile columns whose inputs (`inputs`
-// tensors of `element_bytes` per element: x alone, or x and dy) take at most group_bytes(), and rows split
-// so that a group has about ctas_max tiles; channels-last columns narrowed to fit where they can. Returns
-// the plan; `groups` and `ctas` are set.
+// The input bytes of one tile column of `p` (its channels in every row), at `input_bytes_per_element`.
+inline int64_t column_input_bytes(const Plan& p, const Layout& L, int64_t input_bytes_per_element) {
+  return L.rows * channels_per_tile(p) * input_bytes_per_element;
+}
+
+// The grouped launch's tile columns: the sums plan `p`, with channels-last columns narrowed to fit in a group
+// where they can (`inputs` tensors of `element_bytes` per element: x alone, or x and dy).
+inline Plan grouped_columns(Plan p, const Layout& L, int64_t element_bytes, int64_t inputs) {
+  if (p.walk == kRows) narrow_row_columns(p, L, element_bytes * p.V, element_bytes * inputs);
+  return p;
+}
+
+// The grouped launch's plan for `ctas_max` resident CTAs: grouped_columns in groups whose inputs take at most
+// group_bytes(), and rows split so that a group has about ctas_max tiles. Returns the plan; `groups` and
+// `ctas` are set.
 inline Plan grouped_plan(Plan p, const Layout& L, int64_t element_bytes, int64_t inputs, int64_t ctas_max,
                          Groups& groups, int64_t& ctas) {
-  const int64_t input_bytes_per_element = element_bytes * inputs;
-  if (p.walk == kRows) narrow_row_columns(p, L, element_bytes * p.V, input_bytes_per_element);
-  const int64_t column_bytes = std::max<int64_t>(1, L.rows * channels_per_tile(p) * input_bytes_per_element);
+  p = grouped_columns(p, L, element_bytes, inputs);
+  const int64_t column_bytes = std::max<int64_t>(1, column_input_bytes(p, L, element_bytes * inputs));
   groups.tiles_per_group = std::min<int64_t>(std::max<int64_t>(1, group_bytes() / column_bytes), p.grid_x);
   groups.count = ceil_div(p.grid_x, groups.tiles_per_group);
   p.reverse = false;
@@ -954,13 +964,13 @@ inline Plan grouped_plan(Plan p, const Layout& L, int64_t element_bytes, int64_t
   return p;
 }
 
-// Whether the grouped plan `p` buys L2 reuse that the two launches do not get (BNX_CUDA_L2_GROUPS=auto takes
-// the grouped launch only then): its tile columns fit in a group, so the map re-reads what the sums read
-// from L2, and the pass's inputs are larger than the L2 (three groups' worth), so the two launches' map,
-// walking back from where the sums ended, would find only part of them there.
+// Whether the grouped launch's columns `p` (grouped_columns) buy L2 reuse that the two launches do not get
+// (BNX_CUDA_L2_GROUPS=auto takes the grouped launch only then): a column fits in a group, so the map
+// re-reads what the sums read from L2, and the pass's inputs are larger than the L2 (three groups' worth),
+// so the two launches' map, walking back from where the sums ended, would find only part of them there.
 inline bool grouped_reuses_l2(const Plan& p, const Layout& L, int64_t input_bytes_per_element) {
-  const int64_t column_bytes = L.rows * channels_per_tile(p) * input_bytes_per_element;
-  return column_bytes <= group_bytes() && L.rows * L.C * input_bytes_per_element > 3 * group_bytes();
+  return column_input_bytes(p, L, input_bytes_per_element) <= group_bytes() &&
+         L.rows * L.C * input_bytes_per_element > 3 * group_bytes();
 }
 
 // Runs the sums pass (sop, fin) and then the map pass (mop) over `p`'s tiles as one grouped cooperative
@@ -969,12 +979,14 @@ inline bool grouped_reuses_l2(const Plan& p, const Layout& L, int64_t input_byte
 template <typename acc_t, int V, int W, int kSync, typename SumOp, typename Fin, typename MapOp>
 bool launch_grouped_kernel(const Plan& sums, const Layout& L, int64_t element_bytes, int64_t inputs, const SumOp& sop,
                            const Fin& fin, const MapOp& mop, const at::Tensor& like, bool only_if_reuse) {
+  // Decided before the occupancy query, which the two launches do not need.
+  if (only_if_reuse && !grouped_reuses_l2(grouped_columns(sums, L, element_bytes, inputs), L, element_bytes * inputs))
+    return false;
   auto kernel = &grouped_sums_map_kernel<acc_t, V, W, kSync, SumOp, Fin, MapOp>;
   Groups groups;
   int64_t ctas = 0;
   const Plan p = grouped_plan(sums, L, element_bytes, inputs, resident_ctas(kernel, sums.tx * sums.ty), groups, ctas);
   if (ctas < 1) return false;
-  if (only_if_reuse && !grouped_reuses_l2(p, L, element_bytes * inputs)) return false;
   const at::Tensor workspace = partial_workspace<acc_t>(p, like);
   acc_t* partial = p.splits > 1 ? workspace.mutable_data_ptr<acc_t>() : nullptr;
   // kNoBarrier's counts, from zero: finished splits per tile column, then finished columns per group.

@@ -21,14 +21,14 @@ std::vector<int64_t> plan_of(const at::Tensor& input, c10::string_view kind) {
   Plan p = kind == "map" ? map_plan(L, a) : sums_plan(L, a);
   Groups groups;
   int64_t ctas = 0;
+  const int64_t inputs = kind == "grouped" ? 1 : 2;
   if (grouped)
-    p = grouped_plan(p, L, input.element_size(), kind == "grouped" ? 1 : 2,
-                     static_cast<int64_t>(emulation::blocks_per_sm()) * num_sms(), groups, ctas);
+    p = grouped_plan(p, L, input.element_size(), inputs, static_cast<int64_t>(emulation::blocks_per_sm()) * num_sms(),
+                     groups, ctas);
   std::vector<int64_t> out{p.walk, p.V, p.grid_x, p.splits, p.tx, p.ty, p.rows_per_split};
-  if (grouped) {
-    const int64_t reuses = grouped_reuses_l2(p, L, input.element_size() * (kind == "grouped" ? 1 : 2)) ? 1 : 0;
-    out.insert(out.end(), {groups.tiles_per_group, groups.count, ctas, reuses});
-  }
+  if (grouped)
+    out.insert(out.end(), {groups.tiles_per_group, groups.count, ctas,
+                           grouped_reuses_l2(p, L, input.element_size() * inputs) ? 1 : 0});
   return out;
 }
 
