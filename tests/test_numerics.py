@@ -1,6 +1,8 @@
 """Numerical accuracy and determinism of the kernels (CPU, and CUDA when present).
 
 - float32 variance of data with a large mean (1e4 + N(0,1)) is accurate (no E[x^2]-E[x]^2).
+- float32 variance of a channel with an outlier at its first element, and (CPU) at every element the
+  statistics take their shift from, is accurate.
 - bfloat16 input accumulates in float32 (M = 2**20 per channel).
 - bitwise determinism of forward and backward in every dtype.
 """
@@ -47,6 +49,60 @@ def test_float32_large_mean_variance(device, memory_format):
     assert ((rv2.double() - unbiased_ref).abs() / unbiased_ref).max().item() < 1e-4
     y_ref = (x.double() - mean_ref.view(1, -1, 1, 1)) / (var_ref.view(1, -1, 1, 1) + eps).sqrt()
     assert (y.double() - y_ref).abs().max().item() < 5e-3
+
+
+# Where the statistics take the samples their shift is the median of (csrc/common.h, shift_samples): fractions
+# of the M elements of a channel, in 2^-16.
+SHIFT_SAMPLE_FRACTIONS = (7411, 20483, 33331, 46153, 58997)
+
+
+def _channel_positions(x, positions):
+    """Index tuples of element p of every channel, for each p in positions (p in (N, *spatial) order)."""
+    spatial = x.shape[2:]
+    out = []
+    for p in positions:
+        n, s = divmod(p, x[0, 0].numel())
+        out.append((n, slice(None), *(int(i) for i in torch.unravel_index(torch.tensor(s), spatial))))
+    return out
+
+
+def _assert_variance_exact(x, device, tol):
+    mean_ref, var_ref = _ref_stats(x)
+    M = x.numel() // x.shape[1]
+    C = x.shape[1]
+    rm, rv = torch.zeros(C, device=device), torch.zeros(C, device=device)
+    mean, invstd = ops.batch_norm_stats(x, rm, rv, None, 1.0, 1e-5)
+    unbiased_ref = var_ref * M / (M - 1)
+    assert ((rv.double() - unbiased_ref).abs() / unbiased_ref).max().item() < tol
+    var_from_invstd = 1.0 / invstd.double() ** 2 - 1e-5
+    assert ((var_from_invstd - var_ref).abs() / var_ref).max().item() < tol
+    assert ((mean.double() - mean_ref).abs() / var_ref.sqrt()).max().item() < tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_float32_variance_with_an_outlier_at_the_first_element(device, memory_format):
+    """N(0,1) float32 channels of 2^20 values with 1000 at each channel's first element (the corner pixel
+    of the first image): variance within 2e-6 relative of the float64 reference. Shifting the sums by that
+    element (as bnx did) left 3e-3."""
+    torch.manual_seed(53)
+    x = torch.randn(1024, 4, 32, 32, device=device)
+    x[0, :, 0, 0] = 1000.0
+    _assert_variance_exact(x.contiguous(memory_format=memory_format), device, 2e-6)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_cpu_variance_with_outliers_at_every_shift_sample(memory_format):
+    """The same with 1000 at all five elements the shift is the median of, so the shift is 1000 deviations
+    off: the CPU op takes its sums again around the mean it found, and the variance is as accurate."""
+    torch.manual_seed(54)
+    x = torch.randn(1024, 4, 32, 32)
+    M = x.numel() // x.shape[1]
+    for idx in _channel_positions(x, [M * f // 65536 for f in SHIFT_SAMPLE_FRACTIONS]):
+        x[idx] = 1000.0
+    _assert_variance_exact(x.contiguous(memory_format=memory_format), "cpu", 2e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -81,19 +81,35 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input_, const c10:
     using opmath_t = at::opmath_type<scalar_t>;
     const int64_t C = L.C, M = L.rows;
     const scalar_t* x = input.const_data_ptr<scalar_t>();
-    // Sums of (x - shift) around one sample of each channel keep the variance free of cancellation.
+    // Sums of d = x - shift and d^2 around a shift near each channel's mean (ShiftSamples in common.h).
     std::vector<opmath_t> shift(C, opmath_t(0));
     if (M > 0) {
-      for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<opmath_t>(x[L.channels_last ? c : c * L.inner]);
+      const ShiftSamples samples = shift_samples(L);
+      for (int64_t c = 0; c < C; ++c) shift[c] = samples.shift<opmath_t>(x, c);
     }
-    const opmath_t* k = shift.data();
     std::vector<double> s1, s2;
-    with_cpu_kernels([&](auto kernels) { kernels.moments_sums(L, x, k, s1, s2); });
+    with_cpu_kernels([&](auto kernels) { kernels.moments_sums(L, x, shift.data(), s1, s2); });
+    // When a channel's shift still lies more than kRecenter deviations from its mean (more than two outliers
+    // among the samples), the sums are taken again around the mean just found: exact for any input, at the
+    // cost of one more read, only then.
+    constexpr double kRecenter = 4.0;
+    bool recenter = false;
+    for (int64_t c = 0; c < C && M > 0; ++c) {
+      const double d = s1[c] / M, var = s2[c] / M - d * d;
+      if (d * d > kRecenter * kRecenter * var) {
+        recenter = true;
+        break;
+      }
+    }
+    if (recenter) {
+      for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<opmath_t>(shift[c] + s1[c] / M);
+      with_cpu_kernels([&](auto kernels) { kernels.moments_sums(L, x, shift.data(), s1, s2); });
+    }
     std::vector<double> m(C), iv(C), var_unbiased(C);
     for (int64_t c = 0; c < C; ++c) {
       const double d = M > 0 ? s1[c] / M : 0.0;
       const double var = M > 0 ? std::max(s2[c] / M - d * d, 0.0) : 0.0;
-      m[c] = M > 0 ? k[c] + d : 0.0;
+      m[c] = M > 0 ? shift[c] + d : 0.0;
       iv[c] = 1.0 / std::sqrt(var + eps);
       var_unbiased[c] = M > 1 ? var * M / (M - 1) : var;
     }

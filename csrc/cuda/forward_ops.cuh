@@ -6,13 +6,15 @@
 namespace bnx {
 namespace cuda {
 
-// Sums of d = x - shift and d^2, where shift is the channel's first element: shifting by a sample keeps
-// the variance free of the cancellation that plain sums of x and x^2 suffer at large means.
+// Sums of d = x - shift and d^2, where shift is the median of a few of the channel's elements (ShiftSamples
+// in common.h): near the mean, so the variance escapes the cancellation that plain sums of x and x^2 suffer
+// at large means. (The CPU op takes the sums again around the mean when the samples were far off; here that
+// would take the host a synchronization, so more than two outliers among five samples cost precision.)
 template <typename scalar_t, typename acc_t>
 struct ShiftedMomentsOp {
   using scalar_type = scalar_t;
   const scalar_t* __restrict__ x;
-  int64_t channel_stride;  // the first element of channel c is x[c * channel_stride]: S (NCHW) or 1 (rows)
+  ShiftSamples samples;
 
   template <int V>
   __device__ Coef<acc_t, V> coef(const Lanes<V>& lanes) const {
@@ -21,7 +23,7 @@ struct ShiftedMomentsOp {
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       const int64_t c = lanes.c[i];
-      k.a[i] = active ? static_cast<acc_t>(x[c * channel_stride]) : acc_t(0);
+      k.a[i] = active ? samples.shift<acc_t>(x, c) : acc_t(0);
     }
     return k;
   }
@@ -49,8 +51,7 @@ struct ShiftedMomentsOp {
 template <typename scalar_t, typename acc_t>
 struct MomentsFinalize {
   const scalar_t* __restrict__ x;
-  int64_t S;
-  bool channels_last;
+  ShiftSamples samples;  // the shift ShiftedMomentsOp summed around
   int64_t count;
   double eps;
   double momentum;
@@ -61,7 +62,7 @@ struct MomentsFinalize {
   acc_t* __restrict__ running_var;
 
   __device__ void operator()(int64_t c, acc_t s1, acc_t s2) const {
-    const acc_t shift = static_cast<acc_t>(x[channels_last ? c : c * S]);
+    const acc_t shift = samples.shift<acc_t>(x, c);
     const acc_t n = static_cast<acc_t>(count);
     const acc_t d = s1 / n;
     const acc_t var = ::max(s2 / n - d * d, acc_t(0));
