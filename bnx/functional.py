@@ -45,11 +45,14 @@ def _verify_batch_size(input):
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(size)}")
 
 
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
 def _check_tensors(input, tensors):
     """tensors: (name, tensor or None) pairs. (Written for speed too: it runs on every call.)"""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"bnx.batch_norm: input must be a Tensor, got {type(input).__name__}")
-    if not input.is_floating_point():
+    if input.dtype not in _DTYPES:
         raise TypeError(
             f"bnx.batch_norm: expected a floating-point input (float64, float32, float16 or bfloat16), "
             f"got {input.dtype}"
@@ -69,12 +72,14 @@ def _check_tensors(input, tensors):
                 f"and {name} is on {t.device}"
             )
         if name != "num_batches_tracked":
-            if not t.is_floating_point():
-                raise TypeError(f"bnx.batch_norm: {name} must be floating-point, got {t.dtype}")
+            if t.dtype not in _DTYPES:
+                raise TypeError(
+                    f"bnx.batch_norm: {name} must be float64, float32, float16 or bfloat16, got {t.dtype}"
+                )
             if t.shape != channels:
                 raise RuntimeError(
-                    f"{name} should contain {input.shape[1]} elements not {t.numel()} "
-                    f"(one per channel of input of shape {tuple(input.shape)})"
+                    f"bnx.batch_norm: {name} should be a 1-D tensor of {input.shape[1]} elements (one per "
+                    f"channel of input of shape {tuple(input.shape)}), got shape {tuple(t.shape)}"
                 )
 
 
@@ -98,7 +103,9 @@ def batch_norm(
             statistics -> ``"frozen"``), ``"batch"`` (gradient through the batch mean and variance) or
             ``"frozen"`` (mean and variance treated as constants: ``dx = weight * invstd * dy``).
         num_batches_tracked: with ``training=True`` and running statistics, update them with the cumulative
-            average factor ``1 / num_batches_tracked`` (torch modules' ``momentum=None``), read on the device.
+            average factor ``1 / num_batches_tracked`` (torch modules' ``momentum=None``), read on the device;
+            it counts this batch too, so it is at least 1 (checked on the CPU; a check on a GPU would wait
+            for the device).
     """
     _check_tensors(
         input,
@@ -116,11 +123,22 @@ def batch_norm(
         raise ValueError(
             "bnx.batch_norm: training=False normalizes with running_mean and running_var, but they are None"
         )
+    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad) and (
+        torch.is_grad_enabled()
+    ):
+        raise RuntimeError(
+            "bnx.batch_norm: running_mean and running_var are statistics, not parameters: they cannot have "
+            "requires_grad=True (detach them, or call under torch.no_grad())"
+        )
+    if not isinstance(momentum, (int, float)) and momentum is not None:
+        raise TypeError(f"bnx.batch_norm: momentum must be a float or None, got {type(momentum).__name__}")
+    if not isinstance(eps, (int, float)):
+        raise TypeError(f"bnx.batch_norm: eps must be a float, got {type(eps).__name__}")
     if training:
         _verify_batch_size(input)
-        if eps <= 0.0:
+        if not eps > 0.0:  # also NaN
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    elif eps < 0.0:
+    elif not eps >= 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     formula = resolve_backward(backward, training)
     if training:

@@ -31,6 +31,11 @@ std::string dtype_name(at::ScalarType t) { return c10::toString(t); }
 
 std::string device_name(const at::Device& d) { return d.str(); }
 
+// The dtypes the kernels are dispatched for (AT_DISPATCH_FLOATING_TYPES_AND2(kHalf, kBFloat16, ...)).
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
 }  // namespace
 
 void check_input(const at::Tensor& input, const char* name) {
@@ -38,17 +43,16 @@ void check_input(const at::Tensor& input, const char* name) {
   TORCH_CHECK(input.dim() >= 2 && input.dim() <= 5, "bnx: expected ", name,
               " of shape (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), got ", num(input.dim()),
               "-D ", name, " of shape ", shape(input.sizes()));
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()) && input.scalar_type() != at::kFloat8_e4m3fn,
-              "bnx: expected ", name, " of dtype float64, float32, float16 or bfloat16, got ",
-              dtype_name(input.scalar_type()));
+  TORCH_CHECK(is_supported_dtype(input.scalar_type()), "bnx: expected ", name,
+              " of dtype float64, float32, float16 or bfloat16, got ", dtype_name(input.scalar_type()));
 }
 
 void check_channel_tensor(const at::Tensor& t, const char* name, const at::Tensor& input) {
   if (!t.defined()) return;
   TORCH_CHECK(t.device() == input.device(), "bnx: expected ", name, " on the input's device ",
               device_name(input.device()), ", got it on ", device_name(t.device()));
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "bnx: expected ", name,
-              " to be a floating-point tensor, got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK(is_supported_dtype(t.scalar_type()), "bnx: expected ", name,
+              " of dtype float64, float32, float16 or bfloat16, got ", dtype_name(t.scalar_type()));
   TORCH_CHECK(t.dim() == 1 && t.size(0) == input.size(1), "bnx: ", name,
               " should contain ", num(input.size(1)),
               " elements (one per channel of input of shape ", shape(input.sizes()), "), got shape ",
@@ -105,6 +109,13 @@ void check_stats_args(const at::Tensor& input, const c10::optional<at::Tensor>& 
     TORCH_CHECK(nbt.numel() == 1 && nbt.device() == input.device(),
                 "bnx: num_batches_tracked must be a one-element tensor on the input's device, got shape ",
                 shape(nbt.sizes()), " on ", device_name(nbt.device()));
+    // It counts this batch too, so the factor 1 / num_batches_tracked is at most 1. Checked where it is on
+    // the host's side (reading it from a GPU would wait for the device).
+    if (nbt.device().is_cpu()) {
+      const double batches = nbt.to(at::kDouble).item<double>();
+      TORCH_CHECK(batches >= 1, "bnx: num_batches_tracked (the cumulative average's count, this batch "
+                  "included) must be at least 1, got ", num(batches));
+    }
   }
   const bool update = running_mean.has_value() && running_mean->defined();
   int64_t values = input.size(0);
@@ -131,8 +142,10 @@ void check_backward_args(const at::Tensor& grad_out, const at::Tensor& input, co
   check_stat_pair(mean, invstd, input);
 }
 
-void check_count(int64_t count) {
-  TORCH_CHECK(count >= 0, "bnx: count must be non-negative, got ", num(count));
+void check_count(int64_t count, const at::Tensor& input) {
+  TORCH_CHECK(count > 0 || (count == 0 && input.numel() == 0),
+              "bnx: count (the number of values per channel the gradient sums were taken over) must be "
+              "positive for an input of shape ", shape(input.sizes()), ", got ", num(count));
 }
 
 }  // namespace bnx

@@ -124,7 +124,8 @@ void check_inference_args(const at::Tensor& input, const c10::optional<at::Tenso
 // grad_out / input / mean / invstd of the backward ops.
 void check_backward_args(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
                          const at::Tensor& invstd);
-void check_count(int64_t count);
+// The count of batch_norm_backward_elemt: positive unless the input is empty.
+void check_count(int64_t count, const at::Tensor& input);
 
 // The instruction set of the CPU kernels in use: "avx2" or "default" (csrc/cpu/kernel_dispatch.h).
 const char* cpu_kernels_name();

@@ -296,3 +296,100 @@ def test_empty_batch_ops(device):
     sum_dy, sum_dy_xmu = torch.ops.bnx.batch_norm_backward_reduce(x, x, mean, invstd)
     assert torch.equal(sum_dy, torch.zeros(3, device=device))
     assert torch.equal(sum_dy_xmu, torch.zeros(3, device=device))
+
+
+# ------------------------------------------------------------------------------ argument types and values
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", ["weight", "running_mean"])
+def test_two_dimensional_channel_tensor_message_gives_its_shape(device, bad):
+    """A (C, 1) per-channel tensor has C elements but the wrong shape: the message says so."""
+    kw = dict(weight=None, running_mean=torch.zeros(3, device=device), running_var=torch.ones(3, device=device))
+    kw[bad] = torch.ones(3, 1, device=device)
+    if bad == "running_mean":
+        kw["running_var"] = torch.ones(3, 1, device=device)
+    with pytest.raises(RuntimeError, match=rf"{bad} should be a 1-D tensor of 3 elements .*got shape \(3, 1\)"):
+        bn_f(torch.randn(4, 3, 5, device=device), kw["running_mean"], kw["running_var"], kw["weight"],
+             training=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz,
+                                   torch.float8_e5m2fnuz], ids=lambda d: str(d)[6:])
+def test_float8_is_refused_with_bnx_message(device, dtype):
+    """Every float8 dtype (floating point to torch, but not dispatched by the kernels) is refused with the
+    list of supported dtypes, by the functional and by the ops."""
+    x = torch.ones(4, 3, device=device).to(dtype)
+    with pytest.raises(TypeError, match="float64, float32, float16 or bfloat16"):
+        bn_f(x, None, None, training=True)
+    with pytest.raises(RuntimeError, match="float64, float32, float16 or bfloat16"):
+        torch.ops.bnx.batch_norm_stats(x, None, None, None, 0.1, 1e-5)
+    w = torch.ones(3, device=device).to(dtype)
+    with pytest.raises(TypeError, match="weight must be float64, float32, float16 or bfloat16"):
+        bn_f(torch.randn(4, 3, device=device), None, None, w, training=True)
+    with pytest.raises(RuntimeError, match="weight of dtype float64, float32, float16 or bfloat16"):
+        torch.ops.bnx.batch_norm_train_forward(torch.randn(4, 3, device=device), w, None, None, None, None,
+                                               0.1, 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+def test_nan_eps_is_a_value_error(device, training):
+    """eps = NaN is refused like any other bad eps (a ValueError from the functional)."""
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    with pytest.raises(ValueError, match="eps must be"):
+        bn_f(torch.randn(4, 3, device=device), rm, rv, training=training, eps=float("nan"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arg,value", [("momentum", "0.1"), ("eps", "1e-5"), ("momentum", torch.tensor(0.1))])
+def test_momentum_and_eps_must_be_numbers(device, arg, value):
+    """As torch: momentum and eps are numbers (a string is not converted)."""
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    with pytest.raises(TypeError, match=f"{arg} must be a float"):
+        bn_f(torch.randn(4, 3, device=device), rm, rv, training=True, **{arg: value})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+def test_running_stats_that_require_grad_are_refused_like_torch(device, training):
+    """Running statistics with requires_grad=True are refused while grad mode is on (torch: "not
+    differentiable with respect to argument 'running_mean'"), and updated under torch.no_grad() like
+    torch's."""
+    x = torch.randn(4, 3, 5, device=device)
+    rm = torch.zeros(3, device=device, requires_grad=True)
+    rv = torch.ones(3, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError):
+        F.batch_norm(x, rm, rv, training=training)
+    with pytest.raises(RuntimeError, match="cannot have requires_grad=True"):
+        bn_f(x, rm, rv, training=training)
+    assert torch.equal(rm.detach(), torch.zeros(3, device=device))
+    with torch.no_grad():
+        trm, trv = rm.detach().clone().requires_grad_(), rv.detach().clone().requires_grad_()
+        y = bn_f(x, rm, rv, training=training)
+        ty = F.batch_norm(x, trm, trv, training=training)
+    assert_close(y, ty, 1e-5, 1e-5)
+    assert_close(rm.detach(), trm.detach(), 1e-6, 1e-6)
+    assert_close(rv.detach(), trv.detach(), 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("nbt", [0, -2])
+def test_cpu_num_batches_tracked_below_one_is_refused(nbt):
+    """num_batches_tracked counts the current batch too: a count below 1 (factor 1/0, or negative) is an
+    error on the CPU, not NaN or extrapolated running statistics."""
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(RuntimeError, match="num_batches_tracked .* must be at least 1"):
+        bn_f(torch.randn(4, 3, 5), rm, rv, training=True, momentum=None, num_batches_tracked=torch.tensor(nbt))
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_elemt_count_must_be_positive_for_an_input(device):
+    """batch_norm_backward_elemt's count (values per channel behind the sums) is positive unless the input
+    is empty; 0 for a non-empty input is an error (it returned uninitialized memory)."""
+    x, dy = torch.randn(4, 3, 5, device=device), torch.randn(4, 3, 5, device=device)
+    zeros, ones = torch.zeros(3, device=device), torch.ones(3, device=device)
+    for count in (0, -1):
+        with pytest.raises(RuntimeError, match="count .* must be positive"):
+            torch.ops.bnx.batch_norm_backward_elemt(dy, x, zeros, ones, None, ones, ones, count)
+    empty = torch.randn(0, 3, 5, device=device)
+    assert torch.ops.bnx.batch_norm_backward_elemt(empty, empty, zeros, ones, None, ones, ones, 0).shape == empty.shape

@@ -259,7 +259,7 @@ Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_out_, const Tensor& inpu
   check_channel_tensor(value_or_undefined(weight), "weight", input_);
   check_channel_tensor(sum_dy, "sum_dy", input_);
   check_channel_tensor(sum_dy_xmu, "sum_dy_xmu", input_);
-  check_count(count);
+  check_count(count, a.input);
   Tensor dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_elemt_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;

@@ -323,7 +323,7 @@ Tensor batch_norm_backward_elemt_cuda(const Tensor& grad_out, const Tensor& inpu
   check_channel_tensor(value_or_undefined(weight_), "weight", input);
   check_channel_tensor(sum_dy, "sum_dy", input);
   check_channel_tensor(sum_dy_xmu, "sum_dy_xmu", input);
-  check_count(count);
+  check_count(count, a.input);
   Tensor dx = at::empty_like(a.input, a.L.format);
   if (a.input.numel() == 0 || count == 0) return dx;
   batch_grad_input(a, as_acc(value_or_undefined(weight_), a.acc), as_acc(sum_dy, a.acc), as_acc(sum_dy_xmu, a.acc),
