@@ -10,14 +10,30 @@ def stat_dtype(input):
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
+def _strides_like_channels_last(input):
+    """csrc/common.h: strides_like_channels_last."""
+    D = input.dim()
+    if D not in (4, 5) or input.shape[1] <= 1:
+        return False
+    stride, inner = input.stride(), input.stride(1)
+    for d in [*range(D - 1, 1, -1), 0]:
+        if input.shape[d] <= 1:
+            continue
+        if stride[d] <= inner:
+            return False
+        inner = stride[d]
+    return True
+
+
 def output_format(input):
     """The memory format the kernels return (csrc/common.h: output_format)."""
     if input.is_contiguous():
         return torch.contiguous_format
-    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
+    if input.dim() < 4:
+        return torch.contiguous_format
+    channels_last = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
+    if input.is_contiguous(memory_format=channels_last) or _strides_like_channels_last(input):
+        return channels_last
     return torch.contiguous_format
 
 

@@ -19,15 +19,32 @@ struct Layout {
   at::MemoryFormat format = at::MemoryFormat::Contiguous;
 };
 
+// True when a 4-D or 5-D input's strides grow in channels-last order (channels, then the spatial dimensions
+// last to first, then the batch), over the dimensions of more than one element: a channels_last(_3d) tensor,
+// or a slice of one that is not dense (x[:, :k] of a channels_last activation, as channel splits make).
+inline bool strides_like_channels_last(const at::Tensor& input) {
+  const int64_t D = input.dim();
+  if ((D != 4 && D != 5) || input.size(1) <= 1) return false;
+  int64_t inner = input.stride(1);
+  for (int64_t i = 0; i < D - 1; ++i) {
+    const int64_t d = i < D - 2 ? D - 1 - i : 0;  // D-1, ..., 2, then 0
+    if (input.size(d) <= 1) continue;
+    if (input.stride(d) <= inner) return false;
+    inner = input.stride(d);
+  }
+  return true;
+}
+
 // The memory format the ops compute in and return: channels_last(_3d) when the input is dense in that
-// format and not plainly contiguous, contiguous otherwise. The fake kernels in bnx/_meta.py follow the same
-// rule so their strides match.
+// format and not plainly contiguous, or not dense but with strides like it (torch keeps such a slice of a
+// channels_last tensor in channels_last too); contiguous otherwise. The fake kernels in
+// bnx/_meta.py follow the same rule so their strides match.
 inline at::MemoryFormat output_format(const at::Tensor& input) {
   if (input.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast))
-    return at::MemoryFormat::ChannelsLast;
-  if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d))
-    return at::MemoryFormat::ChannelsLast3d;
+  const at::MemoryFormat channels_last =
+      input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+  if (input.dim() >= 4 && input.is_contiguous(channels_last)) return channels_last;
+  if (strides_like_channels_last(input)) return channels_last;
   return at::MemoryFormat::Contiguous;
 }
 

@@ -78,6 +78,34 @@ def test_arbitrary_strides(device, case, training, autograd_path):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["cl_sliced", "cl3d_sliced", "cl_channel_split", "cl3d_channel_split",
+                                  "sliced", "channel_slice", "transposed_hw"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_output_layout_of_strided_inputs_like_torch(device, case, training):
+    """The output of a strided input that is dense in no format has torch's layout: channels_last(_3d) for
+    a slice of a channels_last(_3d) tensor (channel splits, x[:, :k], keep a channels_last model in
+    channels_last), contiguous for a slice of a contiguous one. The fake kernel gives the same strides."""
+    torch.manual_seed(61)
+    cases = dict(_strided_cases(device))
+    cases["cl_channel_split"] = torch.randn(4, 10, 5, 6, device=device).contiguous(
+        memory_format=torch.channels_last)[:, 3:7]
+    cases["cl3d_channel_split"] = torch.randn(2, 8, 3, 4, 5, device=device).contiguous(
+        memory_format=torch.channels_last_3d)[:, :5]
+    x = cases[case]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    C = x.shape[1]
+    rm, rv = torch.randn(C, device=device), torch.rand(C, device=device) + 0.5
+    y = bnx.functional.batch_norm(x, rm.clone(), rv.clone(), training=training)
+    want = torch.nn.functional.batch_norm(x, rm.clone(), rv.clone(), training=training)
+    assert y.stride() == want.stride(), (y.stride(), want.stride())
+    assert_close(y, want, 1e-5, 1e-5, "y")
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+        fy = bnx.functional.batch_norm(fake, mode.from_tensor(rm), mode.from_tensor(rv), training=training)
+    assert fy.stride() == y.stride()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(7, 1, 3, 3), (3, 67, 5, 3), (2, 13, 1, 1), (5, 3, 1, 17),
                                    (2, 129, 3), (9, 31), (2, 3, 3, 5, 7), (1, 4, 3, 3)])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "cl"])
