@@ -1,4 +1,6 @@
 """bnx.functional.batch_norm: torch.nn.functional.batch_norm with a choice of backward formula."""
+import numbers
+
 import torch
 from torch.autograd import forward_ad
 
@@ -46,6 +48,14 @@ def _verify_batch_size(input):
 
 
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _as_float(name, value):
+    """momentum / eps as torch's argument parser takes them: a real number or a one-element tensor, not a
+    string."""
+    if isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+        return float(value)
+    raise TypeError(f"bnx.batch_norm: {name} must be a float, got {type(value).__name__}")
 
 
 def _check_tensors(input, tensors):
@@ -130,10 +140,9 @@ def batch_norm(
             "bnx.batch_norm: running_mean and running_var are statistics, not parameters: they cannot have "
             "requires_grad=True (detach them, or call under torch.no_grad())"
         )
-    if not isinstance(momentum, (int, float)) and momentum is not None:
-        raise TypeError(f"bnx.batch_norm: momentum must be a float or None, got {type(momentum).__name__}")
-    if not isinstance(eps, (int, float)):
-        raise TypeError(f"bnx.batch_norm: eps must be a float, got {type(eps).__name__}")
+    if momentum is not None:
+        momentum = _as_float("momentum", momentum)
+    eps = _as_float("eps", eps)
     if training:
         _verify_batch_size(input)
         if not eps > 0.0:  # also NaN

@@ -341,12 +341,30 @@ def test_nan_eps_is_a_value_error(device, training):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("arg,value", [("momentum", "0.1"), ("eps", "1e-5"), ("momentum", torch.tensor(0.1))])
+@pytest.mark.parametrize("arg,value", [("momentum", "0.1"), ("eps", "1e-5"), ("momentum", [0.1])])
 def test_momentum_and_eps_must_be_numbers(device, arg, value):
     """As torch: momentum and eps are numbers (a string is not converted)."""
     rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
     with pytest.raises(TypeError, match=f"{arg} must be a float"):
         bn_f(torch.randn(4, 3, device=device), rm, rv, training=True, **{arg: value})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["numpy", "tensor", "int"])
+def test_momentum_and_eps_as_torch_takes_them(device, kind):
+    """What torch's argument parser takes for a float (a numpy scalar, a one-element tensor, an int) gives
+    torch's result."""
+    np = pytest.importorskip("numpy")
+    make = {"numpy": np.float32, "tensor": torch.tensor, "int": int}[kind]
+    momentum, eps = make(1) if kind == "int" else make(0.25), make(1) if kind == "int" else make(1e-3)
+    x = torch.randn(4, 3, 5, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    trm, trv = rm.clone(), rv.clone()
+    y = bn_f(x, rm, rv, training=True, momentum=momentum, eps=eps)
+    want = F.batch_norm(x, trm, trv, training=True, momentum=momentum, eps=eps)
+    assert_close(y, want, 1e-5, 1e-5)
+    assert_close(rm, trm, 1e-6, 1e-6)
+    assert_close(rv, trv, 1e-6, 1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
