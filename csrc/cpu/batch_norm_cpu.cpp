@@ -125,7 +125,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input_, const c10:
   return {mean, invstd};
 }
 
-// y = x * scale + offset per channel, with scale = weight * invstd and offset = bias - mean * scale. With
+// y = (x - mean) * scale + bias per channel, with scale = weight * invstd. With
 // spread_is_var, `spread` holds the variance and invstd = 1 / sqrt(var + eps) (the eval forward: computed
 // here rather than with tensor ops, which cost more than the pass itself on small inputs).
 Tensor affine_map(const Tensor& input, const Layout& L, const Tensor& weight, const Tensor& bias,
@@ -138,18 +138,17 @@ Tensor affine_map(const Tensor& input, const Layout& L, const Tensor& weight, co
     const auto b = channel_values<opmath_t>(bias, C, 0);
     const auto mu = channel_values<opmath_t>(mean, C, 0);
     const auto sp = channel_values<opmath_t>(spread, C, 1);
-    std::vector<opmath_t> scale(C), offset(C);
+    std::vector<opmath_t> scale(C);
     for (int64_t c = 0; c < C; ++c) {
       const opmath_t invstd = spread_is_var ? opmath_t(1) / std::sqrt(sp[c] + static_cast<opmath_t>(eps)) : sp[c];
       scale[c] = w[c] * invstd;
-      offset[c] = b[c] - mu[c] * scale[c];
     }
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
     // Normalizing with batch statistics follows the pass that computed them over the same input (here, or
     // batch_norm_stats before batch_norm_elemt); the eval forward is the only pass over its input.
     const bool after_pass = !spread_is_var;
-    with_cpu_kernels([&](auto kernels) { kernels.affine_map(L, x, scale.data(), offset.data(), y, after_pass); });
+    with_cpu_kernels([&](auto kernels) { kernels.affine_map(L, x, mu.data(), scale.data(), b.data(), y, after_pass); });
   });
   return out;
 }

@@ -16,11 +16,13 @@ struct Kernels {
   template <typename scalar_t>
   static void moments_sums(const Layout& L, const scalar_t* x, const opmath<scalar_t>* shift,
                            std::vector<double>& sum, std::vector<double>& sum_sq);
-  // out = x * scale[c] + offset[c]; after_pass: x was just read front to back (by the statistics), so the map
-  // walks it last chunk first to find the end still in cache.
+  // out = (x - mean[c]) * scale[c] + bias[c] (centred first: folding mean into an offset, x * scale + offset,
+  // cancels when |mean| * scale is large against the output, as in a constant channel, where out should be
+  // bias); after_pass: x was just read front to back (by the statistics), so the map walks it last chunk
+  // first to find the end still in cache.
   template <typename scalar_t>
-  static void affine_map(const Layout& L, const scalar_t* x, const opmath<scalar_t>* scale,
-                         const opmath<scalar_t>* offset, scalar_t* out, bool after_pass);
+  static void affine_map(const Layout& L, const scalar_t* x, const opmath<scalar_t>* mean,
+                         const opmath<scalar_t>* scale, const opmath<scalar_t>* bias, scalar_t* out, bool after_pass);
   // sum dy and sum dy * (x - mean[c]) per channel; with dx, also dx = dx_scale[c] * dy in the same pass.
   template <typename scalar_t>
   static void backward_sums(const Layout& L, const scalar_t* dy, const scalar_t* x, const opmath<scalar_t>* mean,

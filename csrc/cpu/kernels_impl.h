@@ -198,11 +198,13 @@ void Kernels::moments_sums(const Layout& L, const scalar_t* x, const opmath<scal
 }
 
 template <typename scalar_t>
-void Kernels::affine_map(const Layout& L, const scalar_t* x, const opmath<scalar_t>* scale,
-                         const opmath<scalar_t>* offset, scalar_t* out, bool after_pass) {
+void Kernels::affine_map(const Layout& L, const scalar_t* x, const opmath<scalar_t>* mean,
+                         const opmath<scalar_t>* scale, const opmath<scalar_t>* bias, scalar_t* out,
+                         bool after_pass) {
   using opmath_t = opmath<scalar_t>;
-  channel_map(L, out, [=](int64_t i, int64_t c) { return static_cast<opmath_t>(x[i]) * scale[c] + offset[c]; },
-              after_pass);
+  channel_map(L, out, [=](int64_t i, int64_t c) {
+    return (static_cast<opmath_t>(x[i]) - mean[c]) * scale[c] + bias[c];
+  }, after_pass);
 }
 
 template <typename scalar_t>
@@ -245,7 +247,8 @@ void Kernels::scale_map(const Layout& L, const scalar_t* dy, const opmath<scalar
   template void Kernels::moments_sums<scalar_t>(const Layout&, const scalar_t*, const opmath<scalar_t>*,        \
                                                 std::vector<double>&, std::vector<double>&);                    \
   template void Kernels::affine_map<scalar_t>(const Layout&, const scalar_t*, const opmath<scalar_t>*,          \
-                                              const opmath<scalar_t>*, scalar_t*, bool);                        \
+                                              const opmath<scalar_t>*, const opmath<scalar_t>*, scalar_t*,      \
+                                              bool);                                                            \
   template void Kernels::backward_sums<scalar_t>(const Layout&, const scalar_t*, const scalar_t*,               \
                                                  const opmath<scalar_t>*, const opmath<scalar_t>*, scalar_t*,   \
                                                  std::vector<double>&, std::vector<double>&);                   \
