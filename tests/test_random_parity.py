@@ -1,4 +1,4 @@
-"""Seeded random cases against torch (CPU): bnx.functional.batch_norm and torch.nn.functional.batch_norm on
+"""Seeded random cases against torch (CPU, and CUDA when present): bnx.functional.batch_norm and torch.nn.functional.batch_norm on
 the same input, for random ranks, sizes, strides (channels_last, slices of it, permutations, slices,
 expanded batches), dtypes, options and both formulas. Compared: output values and strides, the gradients of
 input, weight and bias, the running statistics.
@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 
 import bnx
+from conftest import DEVICES
 
 CASES = 240
 FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}
 
 
-def _input(rng, shape, dtype, far_mean):
+def _input(rng, shape, dtype, far_mean, device):
     """A random input of `shape` and `dtype` in a random layout, and the layout's name. far_mean: channel
     means 100 apart and an outlier (1000) at each channel's first element."""
     names = ["contiguous", "permuted", "sliced", "expanded_batch"]
@@ -41,7 +42,7 @@ def _input(rng, shape, dtype, far_mean):
             view[channel_dim] = -1
             t = t + 100.0 * torch.arange(s[channel_dim], dtype=torch.float64).view(view)
             t.view(-1)[0] = 1000.0
-        return t.to(dtype)
+        return t.to(device, dtype)  # then sliced or permuted there, so the strides are the device's
 
     if name == "channels_last":
         x = base(shape).contiguous(memory_format=cl)
@@ -63,7 +64,7 @@ def _input(rng, shape, dtype, far_mean):
     return x, name
 
 
-def _case(seed):
+def _case(seed, device):
     rng = random.Random(seed)
     rank = rng.choice([2, 3, 4, 4, 5])
     shape = (rng.choice([1, 2, 3, 5, 8]), rng.choice([1, 3, 8, 17])) + tuple(
@@ -71,7 +72,7 @@ def _case(seed):
     if shape[0] * torch.Size(shape[2:]).numel() < 2:
         shape = (2,) + shape[1:]
     dtype = rng.choice([torch.float64, torch.float32, torch.float32, torch.bfloat16])
-    x, layout = _input(rng, shape, dtype, far_mean=rng.random() < 0.25)
+    x, layout = _input(rng, shape, dtype, rng.random() < 0.25, device)
     case = dict(seed=seed, shape=shape, layout=layout, dtype=dtype, training=rng.random() < 0.7,
                 affine=rng.random() < 0.7, running=rng.random() < 0.7, momentum=rng.choice([0.1, 0.5, None]),
                 eps=rng.choice([1e-5, 1e-3]), frozen=rng.random() < 0.3)
@@ -107,21 +108,22 @@ def _torch(x, dy, w, b, rm, rv, case, nbt):
     return y, grads, out[2], out[3]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", range(CASES))
-def test_random_case_like_torch(seed):
-    x, case = _case(seed)
+def test_random_case_like_torch(seed, device):
+    x, case = _case(seed, device)
     dtype, C = case["dtype"], case["shape"][1]
     gen = torch.Generator().manual_seed(seed + 1)
-    dy = torch.randn(case["shape"], generator=gen).to(dtype)
+    dy = torch.randn(case["shape"], generator=gen).to(device, dtype)
     pdt = torch.float32 if dtype == torch.bfloat16 else dtype
-    w = (torch.rand(C, generator=gen) + 0.5).to(pdt) if case["affine"] else None
-    b = torch.randn(C, generator=gen).to(pdt) if case["affine"] else None
-    rm = torch.randn(C, generator=gen).to(pdt) if case["running"] else None
-    rv = (torch.rand(C, generator=gen) + 0.5).to(pdt) if case["running"] else None
+    w = (torch.rand(C, generator=gen) + 0.5).to(device, pdt) if case["affine"] else None
+    b = torch.randn(C, generator=gen).to(device, pdt) if case["affine"] else None
+    rm = torch.randn(C, generator=gen).to(device, pdt) if case["running"] else None
+    rv = (torch.rand(C, generator=gen) + 0.5).to(device, pdt) if case["running"] else None
     nbt = 3
     kw = dict(backward="frozen" if case["frozen"] else None)
     if case["momentum"] is None and rm is not None:
-        kw["num_batches_tracked"] = torch.tensor(nbt)
+        kw["num_batches_tracked"] = torch.tensor(nbt, device=device)
     got = _forward_backward(bnx.functional.batch_norm, x, dy, w, b, rm, rv, case["training"], case["momentum"],
                             case["eps"], **kw)
     ty, tgrads, trm, trv = _torch(x, dy, w, b, rm, rv, case, nbt)
