@@ -109,13 +109,6 @@ void check_stats_args(const at::Tensor& input, const c10::optional<at::Tensor>& 
     TORCH_CHECK(nbt.numel() == 1 && nbt.device() == input.device(),
                 "bnx: num_batches_tracked must be a one-element tensor on the input's device, got shape ",
                 shape(nbt.sizes()), " on ", device_name(nbt.device()));
-    // It counts this batch too, so the factor 1 / num_batches_tracked is at most 1. Checked where it is on
-    // the host's side (reading it from a GPU would wait for the device).
-    if (nbt.device().is_cpu()) {
-      const double batches = nbt.to(at::kDouble).item<double>();
-      TORCH_CHECK(batches >= 1, "bnx: num_batches_tracked (the cumulative average's count, this batch "
-                  "included) must be at least 1, got ", num(batches));
-    }
   }
   const bool update = running_mean.has_value() && running_mean->defined();
   int64_t values = input.size(0);

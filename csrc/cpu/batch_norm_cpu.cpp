@@ -76,6 +76,15 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input_, const c10:
   const Layout L = layout_of(input_);
   const Tensor input = dense_as(input_, L.format);
   const bool update = running_mean.has_value() && running_mean->defined();
+  // The running statistics' update factor: momentum, or 1 / num_batches_tracked, read once (before the pass,
+  // so a bad count fails fast). The count includes this batch, so it is at least 1.
+  double factor = momentum;
+  if (update && L.rows > 0 && nbt.defined()) {
+    const double batches = nbt.item<double>();
+    TORCH_CHECK(batches >= 1, "bnx: num_batches_tracked (the cumulative average's count, this batch "
+                "included) must be at least 1, got ", batches);
+    factor = 1.0 / batches;
+  }
   Tensor mean, invstd;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_stats_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -116,10 +125,9 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input_, const c10:
     mean = channel_tensor<opmath_t>(m, input);
     invstd = channel_tensor<opmath_t>(iv, input);
     if (update && M > 0) {
-      const double f = nbt.defined() ? 1.0 / nbt.to(at::kDouble).item<double>() : momentum;
       Tensor rm = *running_mean, rv = *running_var;
-      update_running(rm, m, f);
-      update_running(rv, var_unbiased, f);
+      update_running(rm, m, factor);
+      update_running(rv, var_unbiased, factor);
     }
   });
   return {mean, invstd};
