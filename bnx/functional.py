@@ -129,6 +129,13 @@ def batch_norm(
     )
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if not training and running_mean is None and input.numel() == 0:
+        # Nothing to normalize: torch returns the empty output here (its check comes after its empty-input
+        # return), so stand-in statistics give the same output and zero parameter gradients.
+        running_mean = torch.zeros(
+            input.shape[1], dtype=input.dtype if input.dtype == torch.float64 else torch.float32, device=input.device
+        )
+        running_var = torch.ones_like(running_mean)
     if not training and running_mean is None:
         raise ValueError(
             "bnx.batch_norm: training=False normalizes with running_mean and running_var, but they are None"

@@ -279,6 +279,25 @@ def test_empty_batch_like_torch(device, shape, momentum, training):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 2, 2), (2, 3, 0, 4)], ids=["NC", "NCHW", "H0"])
+def test_empty_batch_eval_without_running_stats_like_torch(device, dtype, shape):
+    """training=False with no running statistics: torch returns the empty output for an empty input (its
+    empty-input return comes before its check) and raises only for a non-empty one; bnx does the same."""
+    outs = []
+    for fn in (bn_f, F.batch_norm):
+        x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+        w = torch.rand(3, device=device, dtype=dtype, requires_grad=True)
+        b = torch.rand(3, device=device, dtype=dtype, requires_grad=True)
+        y = fn(x, None, None, w, b, training=False)
+        outs.append((y, *torch.autograd.grad(y.sum(), (x, w, b))))
+    for got, want in zip(*outs):
+        assert got.shape == want.shape and got.dtype == want.dtype and got.stride() == want.stride()
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="training=False normalizes with running_mean and running_var"):
+        bn_f(torch.randn(2, 3, device=device, dtype=dtype), None, None, training=False)
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch_ops(device):
     """Op level, M == 0: mean 0, invstd 1/sqrt(eps), running stats untouched, zero reductions."""
     x = torch.randn(0, 3, 4, device=device)
