@@ -47,10 +47,10 @@ StatsArgs prepare_stats(const Tensor& input_, const c10::optional<Tensor>& runni
 }
 
 template <typename scalar_t, typename acc_t>
-MomentsFinalize<scalar_t, acc_t> moments_finalize(const StatsArgs& a, double momentum, double eps, Tensor& mean,
-                                                  Tensor& invstd) {
+MomentsFinalize<scalar_t, acc_t> moments_finalize(const StatsArgs& a, const ShiftSamples& samples, double momentum,
+                                                  double eps, Tensor& mean, Tensor& invstd) {
   return MomentsFinalize<scalar_t, acc_t>{
-      a.input.const_data_ptr<scalar_t>(), shift_samples(a.L), a.L.rows, eps, momentum,
+      a.input.const_data_ptr<scalar_t>(), samples, a.L.rows, eps, momentum,
       a.nbt.defined() ? a.nbt.const_data_ptr<int64_t>() : nullptr, mean.mutable_data_ptr<acc_t>(),
       invstd.mutable_data_ptr<acc_t>(), a.update ? a.rm.mutable_data_ptr<acc_t>() : nullptr,
       a.update ? a.rv.mutable_data_ptr<acc_t>() : nullptr};
@@ -79,8 +79,10 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input_, const c10
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
     const Plan p = sums_plan(a.L, choose_access(a.L, sizeof(scalar_t), {x}));
-    const ShiftedMomentsOp<scalar_t, acc_t> op{x, shift_samples(a.L)};
-    const auto fin = moments_finalize<scalar_t, acc_t>(a, momentum, eps, mean, invstd);
+    // The sums and the finalize take the same shift (the finalize adds it back to the mean).
+    const ShiftSamples samples = shift_samples(a.L);
+    const ShiftedMomentsOp<scalar_t, acc_t> op{x, samples};
+    const auto fin = moments_finalize<scalar_t, acc_t>(a, samples, momentum, eps, mean, invstd);
     const Tensor workspace = partial_workspace<acc_t>(p, a.input);
     dispatch_plan<scalar_t>(p, [&](auto vec, auto walk) {
       launch_sums<acc_t, decltype(vec)::value, decltype(walk)::value>(p, op, fin, workspace);
@@ -114,8 +116,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_forward_cuda(
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
     const Access access = choose_access(a.L, sizeof(scalar_t), {x, y});
-    const ShiftedMomentsOp<scalar_t, acc_t> stats_op{x, shift_samples(a.L)};
-    const auto fin = moments_finalize<scalar_t, acc_t>(a, momentum, eps, mean, invstd);
+    const ShiftSamples samples = shift_samples(a.L);
+    const ShiftedMomentsOp<scalar_t, acc_t> stats_op{x, samples};
+    const auto fin = moments_finalize<scalar_t, acc_t>(a, samples, momentum, eps, mean, invstd);
     const AffineOp<scalar_t, acc_t> affine_op{x, y, ptr_or_null<acc_t>(weight), ptr_or_null<acc_t>(bias),
                                               mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
                                               /*scale_is_var=*/false, acc_t(0)};
