@@ -98,29 +98,35 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input_, const c10:
     }
     std::vector<double> s1, s2;
     with_cpu_kernels([&](auto kernels) { kernels.moments_sums(L, x, shift.data(), s1, s2); });
+    // Per channel: d = mean - shift and the biased variance, from the sums. (Multiplied by 1 / M rather than
+    // divided: with many channels and few rows, a division per channel cost more than the pass itself.)
+    const double inv_m = M > 0 ? 1.0 / static_cast<double>(M) : 0.0;
+    std::vector<double> d(C), var(C);
+    const auto moments = [&] {
+      for (int64_t c = 0; c < C; ++c) {
+        d[c] = s1[c] * inv_m;
+        var[c] = s2[c] * inv_m - d[c] * d[c];
+      }
+    };
+    moments();
     // When a channel's shift still lies more than kRecenter deviations from its mean (more than two outliers
     // among the samples), the sums are taken again around the mean just found: exact for any input, at the
     // cost of one more read, only then.
     constexpr double kRecenter = 4.0;
     bool recenter = false;
-    for (int64_t c = 0; c < C && M > 0; ++c) {
-      const double d = s1[c] / M, var = s2[c] / M - d * d;
-      if (d * d > kRecenter * kRecenter * var) {
-        recenter = true;
-        break;
-      }
-    }
+    for (int64_t c = 0; c < C && M > 0; ++c) recenter |= d[c] * d[c] > kRecenter * kRecenter * var[c];
     if (recenter) {
-      for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<opmath_t>(shift[c] + s1[c] / M);
+      for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<opmath_t>(shift[c] + d[c]);
       with_cpu_kernels([&](auto kernels) { kernels.moments_sums(L, x, shift.data(), s1, s2); });
+      moments();
     }
+    const double bessel = M > 1 ? static_cast<double>(M) / static_cast<double>(M - 1) : 1.0;
     std::vector<double> m(C), iv(C), var_unbiased(C);
     for (int64_t c = 0; c < C; ++c) {
-      const double d = M > 0 ? s1[c] / M : 0.0;
-      const double var = M > 0 ? std::max(s2[c] / M - d * d, 0.0) : 0.0;
-      m[c] = M > 0 ? shift[c] + d : 0.0;
-      iv[c] = 1.0 / std::sqrt(var + eps);
-      var_unbiased[c] = M > 1 ? var * M / (M - 1) : var;
+      const double v = std::max(var[c], 0.0);
+      m[c] = shift[c] + d[c];
+      iv[c] = 1.0 / std::sqrt(v + eps);
+      var_unbiased[c] = v * bessel;
     }
     mean = channel_tensor<opmath_t>(m, input);
     invstd = channel_tensor<opmath_t>(iv, input);
