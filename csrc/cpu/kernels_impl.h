@@ -158,28 +158,12 @@ inline void walk_ranges(int64_t u0, int64_t u1, int64_t chunk, bool last_chunk_f
 // 11-27 %, backward 10-23 % faster). (The sums gain from the wider vectors at any size.)
 constexpr int64_t kWideMapBytes = int64_t(2) << 20;
 
-// out[base + s] = g(base + s, c) for s in [0, n): one plane of channel c (NC*).
-template <typename scalar_t, typename G>
-inline void map_plane(scalar_t* out, const G& g, int64_t base, int64_t n, int64_t c, bool wide) {
-  if (wide) {
-#pragma omp simd simdlen(8)
-    for (int64_t s = 0; s < n; ++s) out[base + s] = static_cast<scalar_t>(g(base + s, c));
-  } else {
-#pragma omp simd simdlen(4)
-    for (int64_t s = 0; s < n; ++s) out[base + s] = static_cast<scalar_t>(g(base + s, c));
-  }
-}
-
-// out[base + c] = g(base + c, c) for c in [0, C): one row of channels (channels-last).
-template <typename scalar_t, typename G>
-inline void map_row(scalar_t* out, const G& g, int64_t base, int64_t C, bool wide) {
-  if (wide) {
-#pragma omp simd simdlen(8)
-    for (int64_t c = 0; c < C; ++c) out[base + c] = static_cast<scalar_t>(g(base + c, c));
-  } else {
-#pragma omp simd simdlen(4)
-    for (int64_t c = 0; c < C; ++c) out[base + c] = static_cast<scalar_t>(g(base + c, c));
-  }
+// out[base + i] = g(base + i, channel(i)) for i in [0, n), W elements per vector: one plane of a channel
+// (NC*: channel(i) is that channel) or one row of channels (channels-last: channel(i) = i).
+template <int W, typename scalar_t, typename G, typename Channel>
+inline void map_run(scalar_t* out, const G& g, int64_t base, int64_t n, const Channel& channel) {
+#pragma omp simd simdlen(W)
+  for (int64_t i = 0; i < n; ++i) out[base + i] = static_cast<scalar_t>(g(base + i, channel(i)));
 }
 
 // out[idx] = g(idx, c) for every element; after_pass: the input was just read by a pass in memory order.
@@ -194,14 +178,20 @@ void channel_map(const Layout& L, scalar_t* out, const G& g, bool after_pass) {
     const int64_t S = L.inner;
     at::parallel_for(0, L.N * C, std::max<int64_t>(1, kGrainElements / S), [&](int64_t p0, int64_t p1) {
       walk_ranges(p0, p1, chunk, after_pass, [&](int64_t a, int64_t b) {
-        for (int64_t p = a, c = a % C; p < b; ++p, c = c + 1 == C ? 0 : c + 1) map_plane(out, g, p * S, S, c, wide);
+        for (int64_t p = a, c = a % C; p < b; ++p, c = c + 1 == C ? 0 : c + 1) {
+          const auto plane_channel = [c](int64_t) { return c; };
+          wide ? map_run<8>(out, g, p * S, S, plane_channel) : map_run<4>(out, g, p * S, S, plane_channel);
+        }
       });
     });
     return;
   }
   at::parallel_for(0, L.rows, std::max<int64_t>(1, kGrainElements / C), [&](int64_t r0, int64_t r1) {
     walk_ranges(r0, r1, chunk, after_pass, [&](int64_t a, int64_t b) {
-      for (int64_t r = a; r < b; ++r) map_row(out, g, r * C, C, wide);
+      const auto row_channel = [](int64_t i) { return i; };
+      for (int64_t r = a; r < b; ++r) {
+        wide ? map_run<8>(out, g, r * C, C, row_channel) : map_run<4>(out, g, r * C, C, row_channel);
+      }
     });
   });
 }
