@@ -4,6 +4,7 @@ import numbers
 import torch
 from torch.autograd import forward_ad
 
+from ._meta import stat_dtype
 from .autograd import FORMULAS, BatchNormEvalFunction, BatchNormTrainFunction
 
 # The layer op with its autograd kernel in C++ (csrc/autograd.cpp), looked up once.
@@ -132,9 +133,7 @@ def batch_norm(
     if not training and running_mean is None and input.numel() == 0:
         # Nothing to normalize: torch returns the empty output here (its check comes after its empty-input
         # return), so stand-in statistics give the same output and zero parameter gradients.
-        running_mean = torch.zeros(
-            input.shape[1], dtype=input.dtype if input.dtype == torch.float64 else torch.float32, device=input.device
-        )
+        running_mean = torch.zeros(input.shape[1], dtype=stat_dtype(input), device=input.device)
         running_var = torch.ones_like(running_mean)
     if not training and running_mean is None:
         raise ValueError(

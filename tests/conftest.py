@@ -118,6 +118,22 @@ def batch_stats(x):
     return xd.mean(d), xd.var(d, unbiased=False)
 
 
+def assert_variance_exact(stats, x, tol):
+    """stats (a batch_norm_stats op) on x, with running statistics and momentum 1: the running variance, the
+    variance behind invstd and the mean within tol (relative to the variance, the mean relative to the
+    deviation) of float64 batch statistics."""
+    mean_ref, var_ref = batch_stats(x)
+    M = x.numel() // x.shape[1]
+    C = x.shape[1]
+    rm, rv = torch.zeros(C, device=x.device), torch.zeros(C, device=x.device)
+    mean, invstd = stats(x, rm, rv, None, 1.0, 1e-5)
+    unbiased_ref = var_ref * M / (M - 1)
+    assert ((rv.double() - unbiased_ref).abs() / unbiased_ref).max().item() < tol
+    var_from_invstd = 1.0 / invstd.double() ** 2 - 1e-5
+    assert ((var_from_invstd - var_ref).abs() / var_ref).max().item() < tol
+    assert ((mean.double() - mean_ref).abs() / var_ref.sqrt()).max().item() < tol
+
+
 def assert_close(actual, expected, atol, rtol, msg=""):
     """torch.testing.assert_close with dtype promotion (compare values, not dtypes)."""
     if actual is None or expected is None:

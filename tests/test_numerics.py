@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bnx
-from conftest import DEVICES, train_fwd_bwd
+from conftest import DEVICES, assert_variance_exact, train_fwd_bwd
 
 ops = torch.ops.bnx
 
@@ -66,19 +66,6 @@ def _channel_positions(x, positions):
     return out
 
 
-def _assert_variance_exact(x, device, tol):
-    mean_ref, var_ref = _ref_stats(x)
-    M = x.numel() // x.shape[1]
-    C = x.shape[1]
-    rm, rv = torch.zeros(C, device=device), torch.zeros(C, device=device)
-    mean, invstd = ops.batch_norm_stats(x, rm, rv, None, 1.0, 1e-5)
-    unbiased_ref = var_ref * M / (M - 1)
-    assert ((rv.double() - unbiased_ref).abs() / unbiased_ref).max().item() < tol
-    var_from_invstd = 1.0 / invstd.double() ** 2 - 1e-5
-    assert ((var_from_invstd - var_ref).abs() / var_ref).max().item() < tol
-    assert ((mean.double() - mean_ref).abs() / var_ref.sqrt()).max().item() < tol
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
                          ids=["contiguous", "channels_last"])
@@ -89,7 +76,7 @@ def test_float32_variance_with_an_outlier_at_the_first_element(device, memory_fo
     torch.manual_seed(53)
     x = torch.randn(1024, 4, 32, 32, device=device)
     x[0, :, 0, 0] = 1000.0
-    _assert_variance_exact(x.contiguous(memory_format=memory_format), device, 1e-5)
+    assert_variance_exact(ops.batch_norm_stats, x.contiguous(memory_format=memory_format), 1e-5)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
@@ -102,7 +89,7 @@ def test_cpu_variance_with_outliers_at_every_shift_sample(memory_format):
     M = x.numel() // x.shape[1]
     for idx in _channel_positions(x, [M * f // 65536 for f in SHIFT_SAMPLE_FRACTIONS]):
         x[idx] = 1000.0
-    _assert_variance_exact(x.contiguous(memory_format=memory_format), "cpu", 2e-6)
+    assert_variance_exact(ops.batch_norm_stats, x.contiguous(memory_format=memory_format), 2e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
