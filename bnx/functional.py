@@ -31,9 +31,13 @@ def resolve_backward(backward, use_batch_stats):
 def _python_function_needed():
     """True when the call must go through bnx's Python autograd.Functions rather than the C++ layer op:
     under torch.compile (dynamo traces the Functions), torch.func transforms (vmap, grad: a C++ autograd
-    Function refuses them) and forward-mode AD (which custom C++ Functions do not support)."""
+    Function refuses them) and forward-mode AD (which custom C++ Functions do not support).
+
+    Not under torch.export: it records a Function's forward ops and drops its backward, so the exported
+    program would have no gradient; the layer op is recorded as one node that keeps its autograd kernel
+    (and the backward formula, an argument of the op)."""
     return (
-        torch.compiler.is_compiling()
+        (torch.compiler.is_compiling() and not torch.compiler.is_exporting())
         or torch._C._are_functorch_transforms_active()
         or forward_ad._current_level >= 0
     )

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <string>
@@ -122,8 +123,13 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
                         bool training, double momentum, double eps, c10::string_view backward) {
     const Formula formula = parse_formula(backward);
     check_layer_args(training, running_mean, running_var, formula);
-    auto [output, mean, invstd] =
-        layer_forward(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps);
+    // The ops below autograd: this Function is their derivative, and the ops' own Autograd kernels refuse
+    // forward-mode tangents, which this Function must see to refuse them itself (its jvp).
+    auto [output, mean, invstd] = [&] {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      return layer_forward(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum,
+                           eps);
+    }();
     const Tensor w = value_or_undefined(weight), b = value_or_undefined(bias);
     // Eval saves the running statistics themselves (an in-place update before the backward is an error, as
     // for any saved tensor); training saves the batch statistics.
@@ -223,6 +229,14 @@ Tensor batch_norm_autograd(const Tensor& input, const c10::optional<Tensor>& wei
 
 TORCH_LIBRARY_IMPL(bnx, Autograd, m) {
   m.impl("batch_norm", &bnx::batch_norm_autograd);
+  // The building-block ops have no derivative of their own (bnx.functional and the Functions around them
+  // supply it). Without an Autograd kernel, torch's fallback only warns at backward and leaves the inputs'
+  // gradients unset (a gradient lost in silence, e.g. through a program that recorded these ops); this
+  // kernel makes that backward raise, naming the op.
+  for (const char* op : {"batch_norm_stats", "batch_norm_train_forward", "batch_norm_elemt", "batch_norm_inference",
+                         "batch_norm_backward_reduce", "batch_norm_backward_elemt", "batch_norm_backward"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
 }
 
 TORCH_LIBRARY_IMPL(bnx, CompositeExplicitAutograd, m) {
