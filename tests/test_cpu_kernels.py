@@ -7,7 +7,7 @@ here run in this process (the chosen set) and once more in a subprocess on the b
 The shapes are larger than the parity tests' so that the loops split the data into several slices, a
 slice starts and ends inside an (n, c) plane, a plane is longer than one accumulation block, the
 channel count is not a multiple of the vector width, the channels-last row count is not a multiple of
-the row unroll, and the normalize / grad_input passes walk several cache-sized chunks per thread.
+the row unroll (wide rows are taken several at a time), and the normalize / grad_input passes walk several cache-sized chunks per thread.
 """
 import os
 import platform
@@ -39,6 +39,9 @@ SHAPES = [
     # and one partial chunk (and more in float64), planes / rows not dividing a chunk.
     ("nchw_chunks", (8, 6, 100, 110), None),               # 44,000-byte float32 planes, 48 planes
     ("nhwc_chunks", (4, 40, 60, 70), torch.channels_last),  # 16,800 rows of 160 bytes (float32)
+    # Rows of 8 KiB of opmath values and more are summed four and mapped two at a time (kManyRowsBytes):
+    # 189 rows, slices and chunks of row counts that four and two do not divide, C not a multiple of 8.
+    ("nhwc_wide_rows", (3, 2050, 7, 9), torch.channels_last),
 ]
 
 # input dtype -> (atol, rtol) against the float64 reference
