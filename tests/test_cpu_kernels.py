@@ -39,8 +39,8 @@ SHAPES = [
     # and one partial chunk (and more in float64), planes / rows not dividing a chunk.
     ("nchw_chunks", (8, 6, 100, 110), None),               # 44,000-byte float32 planes, 48 planes
     ("nhwc_chunks", (4, 40, 60, 70), torch.channels_last),  # 16,800 rows of 160 bytes (float32)
-    # Rows of 8 KiB of opmath values and more are summed four and mapped two at a time (kManyRowsBytes):
-    # 189 rows, slices and chunks of row counts that four and two do not divide, C not a multiple of 8.
+    # Rows of 8 KiB of opmath values and more are summed and mapped four at a time (kManyRowsBytes):
+    # 189 rows, slices and chunks of row counts that four does not divide, C not a multiple of 8.
     ("nhwc_wide_rows", (3, 2050, 7, 9), torch.channels_last),
 ]
 

@@ -22,14 +22,15 @@ inline opmath_t sum_lanes(opmath_t* v) {
   return v[0];
 }
 
-// Channels-last rows this wide (C opmath values) or wider are taken several at a time, R rows per pass over
-// the per-channel arrays, by the loops that use three or more of them: the sums' two accumulators and the
-// shift (or mean), the normalize's three coefficients, grad_input's four. At 3 x 8 KiB and more they no
-// longer fit the 32 KiB L1 beside the input and output rows, and are re-read from L2 for every row.
-// (2-vCPU AMD EPYC, float32, 12.8 MB inputs, op A/B in one process: at C = 2048-4096 the statistics
-// 1.17x-1.72x and the gradient sums 1.22x-1.30x faster with 4 rows, the normalize 1.12x-1.24x and grad_input
-// 1.04x-1.23x with 2; at C = 256-1536 every multi-row form was slower, down to 0.55x, so narrower rows keep
-// one row at a time; frozen dx, one coefficient array, was 0.81x-1.04x with 2 rows and keeps one.)
+// Channels-last rows this wide (C opmath values) or wider are taken four at a time, one pass over the
+// per-channel arrays per four rows, by the loops that use three or more of them: the sums' two accumulators
+// and the shift (or mean), the normalize's three coefficients, grad_input's four. At 3 x 8 KiB and more they
+// no longer fit the 32 KiB L1 beside the input and output rows, and are re-read from L2 for every row.
+// (2-vCPU AMD EPYC, float32, 12.8 MB inputs, op A/B in one process, at C = 2048-4096, against one row at a
+// time: statistics 1.17x-1.72x, gradient sums 1.22x-1.30x, normalize 1.32x-1.48x, grad_input 1.14x-1.22x
+// faster (two rows gained less: 0.93x-1.30x, 1.09x-1.16x, 1.07x-1.15x). At C = 256-1536 every multi-row
+// form was slower, down to 0.55x, so narrower rows keep one row at a time; frozen dx, one coefficient
+// array, was 0.81x-1.04x with two rows and keeps one.)
 constexpr int64_t kManyRowsBytes = 8 << 10;
 
 // pa[c] += sum over R rows of f(.).first, pb[c] likewise with .second, for the R rows from `base` (each
@@ -195,14 +196,16 @@ inline void map_run(scalar_t* out, const G& g, int64_t base, int64_t n, const Ch
   for (int64_t i = 0; i < n; ++i) out[base + i] = static_cast<scalar_t>(g(base + i, channel(i)));
 }
 
-// Two channels-last rows of C elements from `base`, each channel's coefficients read once for both (see
+// Four channels-last rows of C elements from `base`, each channel's coefficients read once for all four (see
 // kManyRowsBytes).
 template <int W, typename scalar_t, typename G>
-inline void map_two_rows(scalar_t* out, const G& g, int64_t base, int64_t C) {
+inline void map_four_rows(scalar_t* out, const G& g, int64_t base, int64_t C) {
 #pragma omp simd simdlen(W)
   for (int64_t i = 0; i < C; ++i) {
     out[base + i] = static_cast<scalar_t>(g(base + i, i));
     out[base + C + i] = static_cast<scalar_t>(g(base + C + i, i));
+    out[base + 2 * C + i] = static_cast<scalar_t>(g(base + 2 * C + i, i));
+    out[base + 3 * C + i] = static_cast<scalar_t>(g(base + 3 * C + i, i));
   }
 }
 
@@ -227,14 +230,14 @@ void channel_map(const Layout& L, scalar_t* out, const G& g, bool after_pass, in
     });
     return;
   }
-  const bool two_rows = coefficient_arrays >= 3 && C * static_cast<int64_t>(sizeof(opmath_t)) >= kManyRowsBytes;
+  const bool four_rows = coefficient_arrays >= 3 && C * static_cast<int64_t>(sizeof(opmath_t)) >= kManyRowsBytes;
   at::parallel_for(0, L.rows, std::max<int64_t>(1, kGrainElements / C), [&](int64_t r0, int64_t r1) {
     walk_ranges(r0, r1, chunk, after_pass, [&](int64_t a, int64_t b) {
       const auto row_channel = [](int64_t i) { return i; };
       int64_t r = a;
-      if (two_rows) {
-        for (; r + 2 <= b; r += 2) {
-          wide ? map_two_rows<8>(out, g, r * C, C) : map_two_rows<4>(out, g, r * C, C);
+      if (four_rows) {
+        for (; r + 4 <= b; r += 4) {
+          wide ? map_four_rows<8>(out, g, r * C, C) : map_four_rows<4>(out, g, r * C, C);
         }
       }
       for (; r < b; ++r) {
