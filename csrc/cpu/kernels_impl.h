@@ -28,9 +28,9 @@ inline opmath_t sum_lanes(opmath_t* v) {
 // no longer fit the 32 KiB L1 beside the input and output rows, and are re-read from L2 for every row.
 // (2-vCPU AMD EPYC, float32, 12.8 MB inputs, op A/B in one process, at C = 2048-4096, against one row at a
 // time: statistics 1.17x-1.72x, gradient sums 1.22x-1.30x, normalize 1.32x-1.48x, grad_input 1.14x-1.22x
-// faster (two rows gained less: 0.93x-1.30x, 1.09x-1.16x, 1.07x-1.15x). At C = 256-1536 every multi-row
-// form was slower, down to 0.55x, so narrower rows keep one row at a time; frozen dx, one coefficient
-// array, was 0.81x-1.04x with two rows and keeps one.)
+// faster; two rows: 0.93x-1.30x, 1.16x-1.20x, 1.09x-1.24x, 1.04x-1.23x, and less than four in every run
+// that took both. At C = 256-1536 every multi-row form was slower, down to 0.55x, so narrower rows keep one
+// row at a time; frozen dx, one coefficient array, was 0.81x-1.04x with two rows and keeps one.)
 constexpr int64_t kManyRowsBytes = 8 << 10;
 
 // pa[c] += sum over R rows of f(.).first, pb[c] likewise with .second, for the R rows from `base` (each
