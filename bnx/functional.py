@@ -45,9 +45,13 @@ def _python_function_needed():
 
 def _verify_batch_size(input):
     size = input.shape
-    values = size[0]
-    for s in size[2:]:
-        values *= s
+    channels = size[1]
+    if channels:  # values per channel = numel / C (one C call rather than a Python product)
+        values = input.numel() // channels
+    else:
+        values = size[0]
+        for s in size[2:]:
+            values *= s
     if values == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(size)}")
 
@@ -58,13 +62,19 @@ _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 def _as_float(name, value):
     """momentum / eps as torch's argument parser takes them: a real number or a one-element tensor, not a
     string."""
+    if type(value) is float:  # the usual case, ahead of the slower abstract-class check
+        return value
     if isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.numel() == 1):
         return float(value)
     raise TypeError(f"bnx.batch_norm: {name} must be a float, got {type(value).__name__}")
 
 
-def _check_tensors(input, tensors):
-    """tensors: (name, tensor or None) pairs. (Written for speed too: it runs on every call.)"""
+_TENSOR_ARGS = ("running_mean", "running_var", "weight", "bias", "num_batches_tracked")
+
+
+def _check_tensors(input, *tensors):
+    """tensors: running_mean, running_var, weight, bias, num_batches_tracked, each a tensor or None. (Written
+    for speed too: it runs on every call.)"""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"bnx.batch_norm: input must be a Tensor, got {type(input).__name__}")
     if input.dtype not in _DTYPES:
@@ -78,7 +88,7 @@ def _check_tensors(input, tensors):
             f"got {input.dim()}-D input of shape {tuple(input.shape)}"
         )
     device, channels = input.device, (input.shape[1],)
-    for name, t in tensors:
+    for name, t in zip(_TENSOR_ARGS, tensors):
         if t is None:
             continue
         if t.device != device:
@@ -122,16 +132,7 @@ def batch_norm(
             it counts this batch too, so it is at least 1 (checked on the CPU; a check on a GPU would wait
             for the device).
     """
-    _check_tensors(
-        input,
-        (
-            ("running_mean", running_mean),
-            ("running_var", running_var),
-            ("weight", weight),
-            ("bias", bias),
-            ("num_batches_tracked", num_batches_tracked),
-        ),
-    )
+    _check_tensors(input, running_mean, running_var, weight, bias, num_batches_tracked)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     if not training and running_mean is None and input.numel() == 0:
