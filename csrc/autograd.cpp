@@ -169,6 +169,8 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     if (at::GradMode::is_enabled()) {  // create_graph=True: stay differentiable
       grads = differentiable_backward(grad_out, input, weight, mean, invstd, eps, formula, needs);
     } else {
+      // Below autograd, as in forward: this is the op's derivative, not a use its Autograd kernel must see.
+      at::AutoDispatchBelowADInplaceOrView guard;
       auto [gi, gw, gb] = backward_op().call(grad_out, input, mean, invstd, weight,
                                              formula == Formula::Batch ? "batch" : "frozen", needs);
       grads = {gi, gw, gb};
