@@ -189,6 +189,19 @@ def test_fused_passes_match_reference(dtype, shape, walks, monkeypatch):
     _fused_passes_against_float64(shape, dtype, torch.contiguous_format)
 
 
+@pytest.mark.parametrize("walks", ["10", "110"], ids=["default", "l2_groups_no_barrier"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 3, 256, 256), (1, 2, 181, 181), (3, 1, 181, 181), (1, 1, 901, 949)])
+def test_fused_passes_on_plane_segments(dtype, shape, walks, monkeypatch):
+    """NCHW with a few long planes: the plans cut each plane into segments that many CTAs sum (including a
+    ragged last segment, and (1,1,901,949), whose map plan's last segment is shorter than a block; the cuts
+    are tested in the emulation). The fused passes give the float64 reference's results."""
+    monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", walks[0])
+    monkeypatch.setenv("BNX_CUDA_L2_GROUPS", walks[1])
+    monkeypatch.setenv("BNX_CUDA_L2_GROUPS_BARRIERS", walks[2:])
+    _fused_passes_against_float64(shape, dtype, torch.contiguous_format)
+
+
 @pytest.mark.parametrize("barriers", ["0", "2"], ids=["no_barrier", "two_barriers"])
 @pytest.mark.parametrize("row_bytes", ["", "16"], ids=["row64", "row16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

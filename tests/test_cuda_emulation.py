@@ -432,6 +432,68 @@ def test_emulated_ops_over_split_counts(emu, monkeypatch, sms, dtype, l2_groups)
         _assert_matches_cpu_ops(emu, _inputs(shape, dtype, layout), dtype, f"{shape} {layout} ")
 
 
+# shape, dtype, emulated SMs, plan kind, expected (segs, splits, rows_per_split)
+SEGMENT_PLANS = [
+    ((2, 3, 256, 256), torch.float32, "132", "sums", (4, 8, 1)),    # 16384 vectors a plane: 4 of 16 per thread
+    ((2, 3, 256, 256), torch.float32, "132", "map", (16, 32, 1)),   # 16 of 4 per thread
+    ((2, 3, 256, 256), torch.bfloat16, "132", "sums", (2, 4, 1)),   # 8192 vectors of 8
+    ((1, 2, 181, 181), torch.float32, "132", "sums", (7, 7, 1)),    # scalar vectors; the last segment shorter
+    ((3, 2, 256, 256), torch.float32, "2", "sums", (3, 5, 2)),      # a split takes two segments
+    ((3, 1, 181, 181), torch.float32, "2", "map", (11, 17, 2)),     # ... across planes, ragged
+    ((256, 64, 56, 56), torch.float32, "132", "sums", (1, 16, 16)),  # batch entries enough: whole planes
+    ((2, 3, 40, 40), torch.float32, "132", "sums", (1, 1, 2)),      # planes too short to cut
+]
+
+
+@pytest.mark.parametrize("shape,dtype,sms,kind,expected", SEGMENT_PLANS,
+                         ids=["fp32-sums", "fp32-map", "bf16-sums", "ragged", "two-a-split", "two-a-split-ragged",
+                              "many-entries", "short-planes"])
+def test_plan_cuts_few_long_planes_into_segments(emu, monkeypatch, shape, dtype, sms, kind, expected):
+    """NCHW with fewer batch entries than the splits a channel wants: the planes are cut into segments (of
+    at least the plan's least vectors per thread), so a channel of a few long planes is summed by many CTAs,
+    not by one CTA per plane (which took (2,4,16384,16400) bf16 down to 8 CTAs on an H100 and left each
+    thread 10^5 elements per float32 accumulator: 1e-3 of the variance lost)."""
+    monkeypatch.setenv("BNX_EMULATED_SMS", sms)
+    x = _tensor(shape, dtype, "nchw")
+    walk, V, grid_x, splits, tx, ty, rows_per_split, segs, seg_vecs = emu.plan(x, f"{kind}_segments")
+    assert walk == KPLANES and grid_x == shape[1]
+    assert (segs, splits, rows_per_split) == expected
+    vecs = x[0, 0].numel() // V
+    assert segs * seg_vecs >= vecs > (segs - 1) * seg_vecs  # the segments cover the plane
+    assert splits * rows_per_split >= shape[0] * segs
+
+
+@pytest.mark.parametrize("config", ["default", "l2_groups", "l2_groups_no_barrier"], indirect=True)
+@pytest.mark.parametrize("shape,dtype,sms", [((2, 3, 256, 256), torch.float32, "132"),
+                                             ((2, 3, 256, 256), torch.bfloat16, "132"),
+                                             ((1, 2, 181, 181), torch.float32, "132"),
+                                             ((3, 2, 256, 256), torch.float32, "2"),
+                                             ((3, 1, 181, 181), torch.float32, "2")],
+                         ids=["fp32", "bf16", "ragged", "two-a-split", "two-a-split-ragged"])
+def test_emulated_ops_on_plane_segments(emu, monkeypatch, config, shape, dtype, sms):
+    """Every op on planes cut into segments (the plans of the test above), in the two-launch and grouped
+    walks: the CPU ops' results."""
+    monkeypatch.setenv("BNX_EMULATED_SMS", sms)
+    assert emu.plan(_tensor(shape, dtype, "nchw"), "sums_segments")[7] > 1
+    _assert_matches_cpu_ops(emu, _inputs(shape, dtype, "nchw"), dtype)
+
+
+def test_emulated_map_with_a_last_segment_shorter_than_the_block(emu, monkeypatch):
+    """A plane of 855049 scalar vectors cut for the map into 835 segments of 1025, the last 199 long: the
+    threads past its end skip it. The normalize and the batch grad_input against the CPU ops."""
+    monkeypatch.setenv("BNX_EMULATED_SMS", "132")
+    x, dy, w, b, rm, rv, _ = _inputs((1, 1, 901, 949), torch.float32, "nchw")
+    segs, seg_vecs = emu.plan(x, "map_segments")[7:9]
+    assert (segs, seg_vecs, x.numel() - (segs - 1) * seg_vecs) == (835, 1025, 199)
+    mean, invstd = torch.ops.bnx.batch_norm_stats(x, None, None, None, 0.1, 1e-5)
+    _close(emu.batch_norm_elemt(x, w, b, mean, invstd), torch.ops.bnx.batch_norm_elemt(x, w, b, mean, invstd),
+           torch.float32, "elemt")
+    sum_dy, sum_dy_xmu = torch.ops.bnx.batch_norm_backward_reduce(dy, x, mean, invstd)
+    args = (dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, x.numel())
+    _close(emu.batch_norm_backward_elemt(*args), torch.ops.bnx.batch_norm_backward_elemt(*args), torch.float32,
+           "backward_elemt")
+
+
 def test_emulated_training_forward_backward_against_float64(emu, monkeypatch):
     """Independent of the CPU ops: the emulated plane-groups forward and backward of a bf16 (8,16,7,7)
     batch against torch's float64 batch norm and its autograd gradients."""

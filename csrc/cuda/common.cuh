@@ -136,6 +136,11 @@ struct Plan {
   int64_t C = 0;
   int64_t S = 1;
   int64_t vecs_per_row = 0;  // NCHW: S / V; channels-last: C / V
+  // kPlanes: each plane is cut into `segs` segments of seg_vecs vectors (the last may be shorter), and a "row"
+  // is one segment of a batch entry's plane (rows = N * segs), so that a few long planes still spread over
+  // many CTAs (and no thread sums a whole plane into one float32 accumulator).
+  int64_t segs = 1;
+  int64_t seg_vecs = 0;
   int64_t rows_per_split = 0;
   int64_t grid_x = 0;
   int64_t splits = 0;
@@ -184,7 +189,8 @@ inline int64_t env_positive(const char* name, int64_t fallback) {
   return n > 0 ? static_cast<int64_t>(n) : fallback;
 }
 
-// Programmatic dependent launch (BNX_CUDA_PDL=1, opt-in until measured; compute capability 9.0 and up): a
+// Programmatic dependent launch (BNX_CUDA_PDL=1, opt-in: on an H100 it took launch-bound NCHW passes 5-10 %
+// faster but most channels-last ones up to 7.6 % slower; compute capability 9.0 and up): a
 // kernel that needs the results of the bnx kernel launched just before it on the stream (the finalize step
 // after the sums, the map after them) may be launched while that one still runs. Its CTAs become resident
 // and wait in wait_for_prior_grids() until the earlier grid has finished and its writes are visible, so
@@ -249,7 +255,7 @@ inline int num_sms() {
 // Splits the rows into about `wanted` ranges (tiles per tile column), fewer where a thread would get less
 // than min_vecs_per_thread vectors or a thread-row no row.
 inline void split_rows(Plan& p, int64_t wanted, int min_vecs_per_thread) {
-  const int64_t vecs_per_thread_row = p.walk == kPlanes ? ceil_div(p.vecs_per_row, p.tx) : 1;
+  const int64_t vecs_per_thread_row = p.walk == kPlanes ? ceil_div(p.seg_vecs, p.tx) : 1;
   const int64_t max_by_work = std::max<int64_t>(1, p.rows * vecs_per_thread_row / (int64_t(min_vecs_per_thread) * p.ty));
   int64_t splits = std::min({std::max<int64_t>(wanted, 1), max_by_work, ceil_div(p.rows, p.ty), int64_t(4096)});
   splits = std::max<int64_t>(splits, 1);
@@ -284,7 +290,19 @@ inline Plan make_plan(const Layout& L, Access a, int ctas_per_sm, int min_vecs_p
     p.grid_x = L.C;
   }
   p.ty = kThreads / p.tx;
-  split_rows(p, ceil_div(static_cast<int64_t>(num_sms()) * ctas_per_sm, p.grid_x), min_vecs_per_thread);
+  const int64_t wanted = ceil_div(static_cast<int64_t>(num_sms()) * ctas_per_sm, p.grid_x);
+  p.seg_vecs = p.vecs_per_row;
+  if (a.walk == kPlanes && p.ty == 1 && L.N < wanted) {
+    // Fewer batch entries than the splits a channel wants: cut the planes into segments, each still at least
+    // min_vecs_per_thread vectors per thread (few channels of large images, e.g. (8,32,256,256)).
+    const int64_t segs = std::min(ceil_div(wanted, L.N), p.vecs_per_row / (int64_t(kThreads) * min_vecs_per_thread));
+    if (segs > 1) {
+      p.seg_vecs = ceil_div(p.vecs_per_row, segs);
+      p.segs = ceil_div(p.vecs_per_row, p.seg_vecs);
+      p.rows = L.N * p.segs;
+    }
+  }
+  split_rows(p, wanted, min_vecs_per_thread);
   return p;
 }
 
@@ -339,6 +357,48 @@ __device__ __forceinline__ Tile block_tile(const Plan& p) {
   return p.reverse ? Tile{p.grid_x - 1 - blockIdx.x, p.splits - 1 - blockIdx.y} : Tile{blockIdx.x, blockIdx.y};
 }
 
+// for_each_batch's NCHW walk over planes cut into segments (Plan::segs > 1; blockDim.y == 1): rows r0..r1
+// are segments, row r segment r % segs of batch entry r / segs, of seg_vecs vectors (the last of a plane
+// may be shorter, even shorter than the block, so a thread can have no vector in it). Kept apart from the
+// whole-plane loop, which launch-bound shapes take with a row advance every vector or two.
+template <int V, int B, typename F>
+__device__ __forceinline__ void for_each_segment_batch(const Plan& p, int64_t c, int64_t r0, int64_t r1, int64_t* off,
+                                                       F&& f) {
+  int64_t row = r0;
+  int64_t seg = row % p.segs;
+  int64_t plane = (row / p.segs * p.C + c) * p.S;  // where the row's plane starts
+  int64_t base = plane + seg * p.seg_vecs * V;     // where the row starts
+  int64_t len = ::min(p.seg_vecs, p.vecs_per_row - seg * p.seg_vecs);
+  const auto next_row = [&] {
+    ++row;
+    if (++seg == p.segs) {
+      seg = 0;
+      plane += p.C * p.S;
+    }
+    base = plane + seg * p.seg_vecs * V;
+    len = ::min(p.seg_vecs, p.vecs_per_row - seg * p.seg_vecs);
+  };
+  int64_t sv = threadIdx.x;
+  while (row < r1 && sv >= len) next_row();
+  while (row < r1) {
+    int n = 0;
+#pragma unroll
+    for (int u = 0; u < B; ++u) {
+      if (row < r1) {
+        off[u] = base + sv * V;
+        ++n;
+        sv += blockDim.x;
+        if (sv >= len) {
+          sv = threadIdx.x;
+          do next_row();
+          while (row < r1 && sv >= len);
+        }
+      }
+    }
+    f(off, n);
+  }
+}
+
 // Calls f(offsets, n) with up to B element offsets of vectors this thread owns (n of them valid).
 template <int V, int B, int W, typename F>
 __device__ __forceinline__ void for_each_batch(const Plan& p, Tile t, F&& f) {
@@ -372,6 +432,10 @@ __device__ __forceinline__ void for_each_batch(const Plan& p, Tile t, F&& f) {
     // The thread's vectors are (row, sv) with sv = tx, tx + TX, ... < vecs_per_row in rows r0 + ty, +TY, ...
     if (threadIdx.x >= p.vecs_per_row) return;
     const int64_t c = t.x;
+    if (p.segs > 1) {
+      for_each_segment_batch<V, B>(p, c, r0, r1, off, f);
+      return;
+    }
     const int64_t row_step = static_cast<int64_t>(blockDim.y) * p.C * p.S;
     int64_t row = r0 + threadIdx.y;
     int64_t base = (row * p.C + c) * p.S;
@@ -637,7 +701,8 @@ __global__ void __launch_bounds__(kThreads) channel_map_kernel(Plan p, Op op) {
 // channel across the grid), another barrier, then the map over the same tiles, each CTA re-reading what it
 // summed, from L2 rather than DRAM. Opt-in (BNX_CUDA_L2_GROUPS=1): on an H100 it was slower than the two
 // launches on every ResNet-50 training forward + backward (up to 2x in NCHW: the grid barriers, and a
-// cooperative grid no larger than what is resident), so it stays off; see docs/DESIGN.md.
+// cooperative grid no larger than what is resident), and so was its barrier-free form (1.03x-5.4x, 2026-11-27),
+// so it stays off; see docs/DESIGN.md.
 // kOneBarrier (NCHW walks, whose tiles have at most V channels): no second barrier; each CTA adds the
 // partial sums of its own tiles' channels itself, in the same fixed order as everywhere, and finishes them
 // into shared memory with `local_finalize(fin, ...)` (fin's arithmetic without its side effects), which

@@ -9,16 +9,19 @@ namespace cuda {
 namespace {
 
 // [walk, V, grid_x, splits, tx, ty, rows_per_split] of the sums ("sums") or map ("map") plan that the ops
-// use for `input` (pointers: input alone); "grouped" (the L2-grouped launch of a training forward: x alone)
+// use for `input` (pointers: input alone); "sums_segments" and "map_segments" append [segs, seg_vecs] (NCHW
+// planes cut into segments); "grouped" (the L2-grouped launch of a training forward: x alone)
 // and "grouped_backward" (of a batch backward: x and dy) append [tiles_per_group, groups, ctas, reuses_l2]
 // (reuses_l2: whether BNX_CUDA_L2_GROUPS=auto takes the grouped launch).
 std::vector<int64_t> plan_of(const at::Tensor& input, c10::string_view kind) {
   const Layout L = layout_of(input);
   const Access a = choose_access(L, input.element_size(), {input.const_data_ptr()});
   const bool grouped = kind == "grouped" || kind == "grouped_backward";
-  TORCH_CHECK(kind == "sums" || kind == "map" || grouped,
-              "plan: kind must be 'sums', 'map', 'grouped' or 'grouped_backward', got '", kind, "'");
-  Plan p = kind == "map" ? map_plan(L, a) : sums_plan(L, a);
+  const bool segments = kind == "sums_segments" || kind == "map_segments";
+  TORCH_CHECK(kind == "sums" || kind == "map" || grouped || segments,
+              "plan: kind must be 'sums', 'map', 'sums_segments', 'map_segments', 'grouped' or 'grouped_backward', "
+              "got '", kind, "'");
+  Plan p = kind == "map" || kind == "map_segments" ? map_plan(L, a) : sums_plan(L, a);
   Groups groups;
   int64_t ctas = 0;
   const int64_t inputs = kind == "grouped" ? 1 : 2;
@@ -26,6 +29,7 @@ std::vector<int64_t> plan_of(const at::Tensor& input, c10::string_view kind) {
     p = grouped_plan(p, L, input.element_size(), inputs, static_cast<int64_t>(emulation::blocks_per_sm()) * num_sms(),
                      groups, ctas);
   std::vector<int64_t> out{p.walk, p.V, p.grid_x, p.splits, p.tx, p.ty, p.rows_per_split};
+  if (segments) out.insert(out.end(), {p.segs, p.seg_vecs});
   if (grouped)
     out.insert(out.end(), {groups.tiles_per_group, groups.count, ctas,
                            grouped_reuses_l2(p, L, input.element_size() * inputs) ? 1 : 0});
