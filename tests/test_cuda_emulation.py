@@ -28,7 +28,7 @@ from conftest import assert_variance_exact
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ["batch_norm_stats", "batch_norm_train_forward", "batch_norm_elemt", "batch_norm_inference",
        "batch_norm_backward_reduce", "batch_norm_backward_elemt", "batch_norm_backward"]
-KPLANES, KROWS, KGROUPS = 0, 1, 2
+KPLANES, KROWS, KGROUPS, KSEGMENTS = 0, 1, 2, 3
 _LIBRARIES = []
 
 
@@ -432,32 +432,35 @@ def test_emulated_ops_over_split_counts(emu, monkeypatch, sms, dtype, l2_groups)
         _assert_matches_cpu_ops(emu, _inputs(shape, dtype, layout), dtype, f"{shape} {layout} ")
 
 
-# shape, dtype, emulated SMs, plan kind, expected (segs, splits, rows_per_split)
+# shape, dtype, emulated SMs, plan kind, expected (walk, segs, splits, rows_per_split)
 SEGMENT_PLANS = [
-    ((2, 3, 256, 256), torch.float32, "132", "sums", (4, 8, 1)),    # 16384 vectors a plane: 4 of 16 per thread
-    ((2, 3, 256, 256), torch.float32, "132", "map", (16, 32, 1)),   # 16 of 4 per thread
-    ((2, 3, 256, 256), torch.bfloat16, "132", "sums", (2, 4, 1)),   # 8192 vectors of 8
-    ((1, 2, 181, 181), torch.float32, "132", "sums", (7, 7, 1)),    # scalar vectors; the last segment shorter
-    ((3, 2, 256, 256), torch.float32, "2", "sums", (3, 5, 2)),      # a split takes two segments
-    ((3, 1, 181, 181), torch.float32, "2", "map", (11, 17, 2)),     # ... across planes, ragged
-    ((256, 64, 56, 56), torch.float32, "132", "sums", (1, 16, 16)),  # batch entries enough: whole planes
-    ((2, 3, 40, 40), torch.float32, "132", "sums", (1, 1, 2)),      # planes too short to cut
+    ((2, 3, 256, 256), torch.float32, "132", "sums", (KSEGMENTS, 4, 8, 1)),   # 16384 vectors a plane: 4 of 16 per thread
+    ((2, 3, 256, 256), torch.float32, "132", "map", (KSEGMENTS, 16, 32, 1)),  # 16 of 4 per thread
+    ((2, 3, 256, 256), torch.bfloat16, "132", "sums", (KSEGMENTS, 2, 4, 1)),  # 8192 vectors of 8
+    ((1, 2, 181, 181), torch.float32, "132", "sums", (KSEGMENTS, 7, 7, 1)),   # scalar vectors; the last segment shorter
+    ((3, 2, 256, 256), torch.float32, "2", "sums", (KSEGMENTS, 3, 5, 2)),     # a split takes two segments
+    ((3, 1, 181, 181), torch.float32, "2", "map", (KSEGMENTS, 11, 17, 2)),    # ... across planes, ragged
+    ((2, 3, 128, 128), torch.float32, "132", "sums", (KSEGMENTS, 1, 2, 1)),   # only the map plan cuts: the sums
+    ((2, 3, 128, 128), torch.float32, "132", "map", (KSEGMENTS, 4, 8, 1)),    # walk whole planes as segments
+    ((256, 64, 56, 56), torch.float32, "132", "sums", (KPLANES, 1, 16, 16)),  # batch entries enough: whole planes
+    ((2, 3, 40, 40), torch.float32, "132", "sums", (KPLANES, 1, 1, 2)),       # planes too short to cut
 ]
 
 
 @pytest.mark.parametrize("shape,dtype,sms,kind,expected", SEGMENT_PLANS,
                          ids=["fp32-sums", "fp32-map", "bf16-sums", "ragged", "two-a-split", "two-a-split-ragged",
-                              "many-entries", "short-planes"])
+                              "map-only-sums", "map-only-map", "many-entries", "short-planes"])
 def test_plan_cuts_few_long_planes_into_segments(emu, monkeypatch, shape, dtype, sms, kind, expected):
     """NCHW with fewer batch entries than the splits a channel wants: the planes are cut into segments (of
     at least the plan's least vectors per thread), so a channel of a few long planes is summed by many CTAs,
     not by one CTA per plane (which took (2,4,16384,16400) bf16 down to 8 CTAs on an H100 and left each
-    thread 10^5 elements per float32 accumulator: 1e-3 of the variance lost)."""
+    thread 10^5 elements per float32 accumulator: 1e-3 of the variance lost). Such inputs take their own walk
+    (kPlaneSegments) in both kernel shapes, so that the whole-plane kernels stay as they were."""
     monkeypatch.setenv("BNX_EMULATED_SMS", sms)
     x = _tensor(shape, dtype, "nchw")
     walk, V, grid_x, splits, tx, ty, rows_per_split, segs, seg_vecs = emu.plan(x, f"{kind}_segments")
-    assert walk == KPLANES and grid_x == shape[1]
-    assert (segs, splits, rows_per_split) == expected
+    assert grid_x == shape[1] and ty == 1
+    assert (walk, segs, splits, rows_per_split) == expected
     vecs = x[0, 0].numel() // V
     assert segs * seg_vecs >= vecs > (segs - 1) * seg_vecs  # the segments cover the plane
     assert splits * rows_per_split >= shape[0] * segs
@@ -468,13 +471,14 @@ def test_plan_cuts_few_long_planes_into_segments(emu, monkeypatch, shape, dtype,
                                              ((2, 3, 256, 256), torch.bfloat16, "132"),
                                              ((1, 2, 181, 181), torch.float32, "132"),
                                              ((3, 2, 256, 256), torch.float32, "2"),
-                                             ((3, 1, 181, 181), torch.float32, "2")],
-                         ids=["fp32", "bf16", "ragged", "two-a-split", "two-a-split-ragged"])
+                                             ((3, 1, 181, 181), torch.float32, "2"),
+                                             ((2, 3, 128, 128), torch.float32, "132")],
+                         ids=["fp32", "bf16", "ragged", "two-a-split", "two-a-split-ragged", "map-only"])
 def test_emulated_ops_on_plane_segments(emu, monkeypatch, config, shape, dtype, sms):
     """Every op on planes cut into segments (the plans of the test above), in the two-launch and grouped
     walks: the CPU ops' results."""
     monkeypatch.setenv("BNX_EMULATED_SMS", sms)
-    assert emu.plan(_tensor(shape, dtype, "nchw"), "sums_segments")[7] > 1
+    assert emu.plan(_tensor(shape, dtype, "nchw"), "sums_segments")[0] == KSEGMENTS
     _assert_matches_cpu_ops(emu, _inputs(shape, dtype, "nchw"), dtype)
 
 

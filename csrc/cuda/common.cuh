@@ -121,7 +121,10 @@ struct Coef {
 //    entry, so its lanes' channels ((x * V + lane) / S) are fixed and its coefficients stay in registers.
 //    On by default: on an H100 it took bf16 (256,2048,7,7) training forward + backward from 330 to 199 us and
 //    left every other shape as it was (BNX_CUDA_PLANE_GROUPS=0 turns it off, for comparison).
-enum Walk : int { kPlanes = 0, kRows = 1, kPlaneGroups = 2 };
+//  - kPlaneSegments: kPlanes where a channel has fewer batch entries than the splits a plan wants: the planes
+//    are cut into segments (Plan::segs) and a CTA takes a range of segments. Its own walk, so that the kPlanes
+//    kernels stay as they were (the segment loop's state cost the whole-plane grad_input maps a resident CTA).
+enum Walk : int { kPlanes = 0, kRows = 1, kPlaneGroups = 2, kPlaneSegments = 3 };
 
 // A vector width and the walk that uses it.
 struct Access {
@@ -228,12 +231,54 @@ void launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, const Ar
   launch_kernel(kernel, grid, block, args...);
 }
 
-// The walk and vector width for a layout and the pointers a pass touches: kPlaneGroups where it gives NCHW
-// planes 16-byte vectors that kPlanes cannot (see Walk), otherwise kPlanes / kRows with vector_width.
+inline int num_sms() {
+#ifdef BNX_CUDA_EMULATION
+  return emulation::num_sms();
+#else
+  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+#endif
+}
+
+// (ctas_per_sm, min_vecs_per_thread) for a kernel shape: the defaults, or "A,B" from environment variable
+// `name` (for measuring other plans on a GPU without a rebuild).
+inline std::pair<int, int> plan_sizes(const char* name, int ctas_per_sm, int min_vecs_per_thread) {
+  const char* v = std::getenv(name);
+  int a = 0, b = 0;
+  if (v != nullptr && std::sscanf(v, "%d,%d", &a, &b) == 2 && a > 0 && b > 0) return {a, b};
+  return {ctas_per_sm, min_vecs_per_thread};
+}
+
+// The two kernel shapes' plan sizes (see sums_plan and map_plan).
+inline std::pair<int, int> sums_plan_sizes() { return plan_sizes("BNX_CUDA_SUMS_PLAN", 8, 16); }
+inline std::pair<int, int> map_plan_sizes() { return plan_sizes("BNX_CUDA_MAP_PLAN", 16, 4); }
+
+// The segments to cut each of L's NCHW planes of `vecs` vectors into for a plan of ctas_per_sm and
+// min_vecs_per_thread (1: none): only where a channel has fewer batch entries than the splits the plan
+// wants, and only so many that a segment keeps min_vecs_per_thread vectors for each of kThreads threads.
+inline int64_t plane_segments(const Layout& L, int64_t vecs, int ctas_per_sm, int min_vecs_per_thread) {
+  const int64_t wanted = ceil_div(static_cast<int64_t>(num_sms()) * ctas_per_sm, L.C);
+  if (L.N >= wanted) return 1;
+  return std::max<int64_t>(1, std::min(ceil_div(wanted, L.N), vecs / (int64_t(kThreads) * min_vecs_per_thread)));
+}
+
+// The walk and vector width for a layout and the pointers a pass touches: kPlaneSegments for few batch entries
+// of long NCHW planes, kPlaneGroups where it gives NCHW planes 16-byte vectors that kPlanes cannot (see Walk),
+// otherwise kPlanes / kRows with vector_width.
 inline Access choose_access(const Layout& L, int64_t element_size, std::initializer_list<const void*> ptrs) {
   Access a;
   a.walk = L.channels_last ? kRows : kPlanes;
   a.V = vector_width(L, element_size, ptrs);
+  if (a.walk == kPlanes && L.N > 0 && L.C > 0) {
+    // Either kernel shape cutting the planes makes it the segments walk for both (one op's kernels share
+    // their walk); the other may still get one segment a plane.
+    const int64_t vecs = L.inner / a.V;
+    const auto [sums_ctas, sums_vecs] = sums_plan_sizes();
+    const auto [map_ctas, map_vecs] = map_plan_sizes();
+    if (plane_segments(L, vecs, sums_ctas, sums_vecs) > 1 || plane_segments(L, vecs, map_ctas, map_vecs) > 1) {
+      a.walk = kPlaneSegments;
+      return a;
+    }
+  }
   const int64_t v16 = 16 / element_size;
   if (L.channels_last || a.V >= v16 || v16 < 2 || L.inner > kThreads || L.C % v16 != 0 || env_is("BNX_CUDA_PLANE_GROUPS", "0"))
     return a;
@@ -244,18 +289,10 @@ inline Access choose_access(const Layout& L, int64_t element_size, std::initiali
   return a;
 }
 
-inline int num_sms() {
-#ifdef BNX_CUDA_EMULATION
-  return emulation::num_sms();
-#else
-  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-#endif
-}
-
 // Splits the rows into about `wanted` ranges (tiles per tile column), fewer where a thread would get less
 // than min_vecs_per_thread vectors or a thread-row no row.
 inline void split_rows(Plan& p, int64_t wanted, int min_vecs_per_thread) {
-  const int64_t vecs_per_thread_row = p.walk == kPlanes ? ceil_div(p.seg_vecs, p.tx) : 1;
+  const int64_t vecs_per_thread_row = p.walk == kPlanes || p.walk == kPlaneSegments ? ceil_div(p.seg_vecs, p.tx) : 1;
   const int64_t max_by_work = std::max<int64_t>(1, p.rows * vecs_per_thread_row / (int64_t(min_vecs_per_thread) * p.ty));
   int64_t splits = std::min({std::max<int64_t>(wanted, 1), max_by_work, ceil_div(p.rows, p.ty), int64_t(4096)});
   splits = std::max<int64_t>(splits, 1);
@@ -290,19 +327,18 @@ inline Plan make_plan(const Layout& L, Access a, int ctas_per_sm, int min_vecs_p
     p.grid_x = L.C;
   }
   p.ty = kThreads / p.tx;
-  const int64_t wanted = ceil_div(static_cast<int64_t>(num_sms()) * ctas_per_sm, p.grid_x);
   p.seg_vecs = p.vecs_per_row;
-  if (a.walk == kPlanes && p.ty == 1 && L.N < wanted) {
-    // Fewer batch entries than the splits a channel wants: cut the planes into segments, each still at least
-    // min_vecs_per_thread vectors per thread (few channels of large images, e.g. (8,32,256,256)).
-    const int64_t segs = std::min(ceil_div(wanted, L.N), p.vecs_per_row / (int64_t(kThreads) * min_vecs_per_thread));
-    if (segs > 1) {
-      p.seg_vecs = ceil_div(p.vecs_per_row, segs);
-      p.segs = ceil_div(p.vecs_per_row, p.seg_vecs);
-      p.rows = L.N * p.segs;
-    }
+  if (a.walk == kPlaneSegments) {
+    // Few batch entries of long planes (e.g. (8,32,256,256)): segments of at least min_vecs_per_thread
+    // vectors per thread; choose_access took this walk only with >= 2 * kThreads vectors a plane, so
+    // blockDim.y == 1, which the segment loop relies on.
+    TORCH_INTERNAL_ASSERT(p.ty == 1, "bnx: the plane segments walk needs one thread-row");
+    const int64_t segs = plane_segments(L, p.vecs_per_row, ctas_per_sm, min_vecs_per_thread);
+    p.seg_vecs = ceil_div(p.vecs_per_row, segs);
+    p.segs = ceil_div(p.vecs_per_row, p.seg_vecs);
+    p.rows = L.N * p.segs;
   }
-  split_rows(p, wanted, min_vecs_per_thread);
+  split_rows(p, ceil_div(static_cast<int64_t>(num_sms()) * ctas_per_sm, p.grid_x), min_vecs_per_thread);
   return p;
 }
 
@@ -312,25 +348,17 @@ __host__ __device__ __forceinline__ int64_t channels_per_tile(const Plan& p) {
   return p.walk == kRows ? static_cast<int64_t>(p.tx) * p.V : p.walk == kPlaneGroups ? p.V : 1;
 }
 
-// (ctas_per_sm, min_vecs_per_thread) for a kernel shape: the defaults, or "A,B" from environment variable
-// `name` (for measuring other plans on a GPU without a rebuild).
-inline std::pair<int, int> plan_sizes(const char* name, int ctas_per_sm, int min_vecs_per_thread) {
-  const char* v = std::getenv(name);
-  int a = 0, b = 0;
-  if (v != nullptr && std::sscanf(v, "%d,%d", &a, &b) == 2 && a > 0 && b > 0) return {a, b};
-  return {ctas_per_sm, min_vecs_per_thread};
-}
 
 // Plans of the two kernel shapes. A sums kernel ends with a block reduction and a partial-sum write, so
 // it wants fewer, fatter CTAs; a map kernel has no epilogue and just wants the machine full. A map pass
 // that follows a sums pass over the same data walks in reverse (see block_tile).
 // BNX_CUDA_SUMS_PLAN / BNX_CUDA_MAP_PLAN override the sizes.
 inline Plan sums_plan(const Layout& L, Access a) {
-  const auto [ctas_per_sm, min_vecs] = plan_sizes("BNX_CUDA_SUMS_PLAN", 8, 16);
+  const auto [ctas_per_sm, min_vecs] = sums_plan_sizes();
   return make_plan(L, a, ctas_per_sm, min_vecs);
 }
 inline Plan map_plan(const Layout& L, Access a, bool reverse = false) {
-  const auto [ctas_per_sm, min_vecs] = plan_sizes("BNX_CUDA_MAP_PLAN", 16, 4);
+  const auto [ctas_per_sm, min_vecs] = map_plan_sizes();
   Plan p = make_plan(L, a, ctas_per_sm, min_vecs);
   p.reverse = reverse;
   return p;
@@ -357,10 +385,9 @@ __device__ __forceinline__ Tile block_tile(const Plan& p) {
   return p.reverse ? Tile{p.grid_x - 1 - blockIdx.x, p.splits - 1 - blockIdx.y} : Tile{blockIdx.x, blockIdx.y};
 }
 
-// for_each_batch's NCHW walk over planes cut into segments (Plan::segs > 1; blockDim.y == 1): rows r0..r1
-// are segments, row r segment r % segs of batch entry r / segs, of seg_vecs vectors (the last of a plane
-// may be shorter, even shorter than the block, so a thread can have no vector in it). Kept apart from the
-// whole-plane loop, which launch-bound shapes take with a row advance every vector or two.
+// for_each_batch's kPlaneSegments walk (blockDim.y == 1): rows r0..r1 are segments, row r segment r % segs of
+// batch entry r / segs, of seg_vecs vectors (the last of a plane may be shorter, even shorter than the block,
+// so a thread can have no vector in it; segs may be 1 for one of an op's two plans).
 template <int V, int B, typename F>
 __device__ __forceinline__ void for_each_segment_batch(const Plan& p, int64_t c, int64_t r0, int64_t r1, int64_t* off,
                                                        F&& f) {
@@ -405,7 +432,10 @@ __device__ __forceinline__ void for_each_batch(const Plan& p, Tile t, F&& f) {
   const int64_t r0 = t.y * p.rows_per_split;
   const int64_t r1 = ::min(p.rows, r0 + p.rows_per_split);
   int64_t off[B];
-  if (W != kPlanes) {
+  if constexpr (W == kPlaneSegments) {
+    if (threadIdx.x >= p.vecs_per_row) return;
+    for_each_segment_batch<V, B>(p, t.x, r0, r1, off, f);
+  } else if (W != kPlanes) {
     // One vector position of every row: channels-last, V channels of a row; plane groups, vector x of a
     // batch entry's run of V planes.
     int64_t col, row_stride;
@@ -432,10 +462,6 @@ __device__ __forceinline__ void for_each_batch(const Plan& p, Tile t, F&& f) {
     // The thread's vectors are (row, sv) with sv = tx, tx + TX, ... < vecs_per_row in rows r0 + ty, +TY, ...
     if (threadIdx.x >= p.vecs_per_row) return;
     const int64_t c = t.x;
-    if (p.segs > 1) {
-      for_each_segment_batch<V, B>(p, c, r0, r1, off, f);
-      return;
-    }
     const int64_t row_step = static_cast<int64_t>(blockDim.y) * p.C * p.S;
     int64_t row = r0 + threadIdx.y;
     int64_t base = (row * p.C + c) * p.S;
@@ -528,7 +554,7 @@ __device__ void sum_tile(const Plan& p, Tile t, const Op& op, const Fin& fin, ac
       out[1] = b;
     }
   };
-  if (W == kPlanes) {
+  if (W == kPlanes || W == kPlaneSegments) {
     // Every lane holds the CTA's channel: fold the lanes, then the block.
     acc_t a = 0, b = 0;
 #pragma unroll
@@ -1121,6 +1147,8 @@ void dispatch_plan(const Plan& p, F&& f) {
     constexpr int kVec16 = 16 / sizeof(scalar_t);
     TORCH_INTERNAL_ASSERT(p.V == kVec16, "bnx: plane groups need 16-byte vectors, got width " + std::to_string(p.V));
     f(std::integral_constant<int, kVec16>{}, std::integral_constant<int, kPlaneGroups>{});
+  } else if (p.walk == kPlaneSegments) {
+    dispatch_width<scalar_t, std::integral_constant<int, kPlaneSegments>>(p, f);
   } else {
     dispatch_width<scalar_t, std::integral_constant<int, kPlanes>>(p, f);
   }
