@@ -139,9 +139,10 @@ struct Plan {
   int64_t C = 0;
   int64_t S = 1;
   int64_t vecs_per_row = 0;  // NCHW: S / V; channels-last: C / V
-  // kPlanes: each plane is cut into `segs` segments of seg_vecs vectors (the last may be shorter), and a "row"
-  // is one segment of a batch entry's plane (rows = N * segs), so that a few long planes still spread over
-  // many CTAs (and no thread sums a whole plane into one float32 accumulator).
+  // kPlaneSegments: each plane is cut into `segs` segments of seg_vecs vectors (the last may be shorter), and a
+  // "row" is one segment of a batch entry's plane (rows = N * segs), so that a few long planes still spread
+  // over many CTAs (and no thread sums a whole plane into one float32 accumulator). Other walks: segs = 1,
+  // seg_vecs = vecs_per_row.
   int64_t segs = 1;
   int64_t seg_vecs = 0;
   int64_t rows_per_split = 0;
@@ -347,7 +348,6 @@ inline Plan make_plan(const Layout& L, Access a, int ctas_per_sm, int min_vecs_p
 __host__ __device__ __forceinline__ int64_t channels_per_tile(const Plan& p) {
   return p.walk == kRows ? static_cast<int64_t>(p.tx) * p.V : p.walk == kPlaneGroups ? p.V : 1;
 }
-
 
 // Plans of the two kernel shapes. A sums kernel ends with a block reduction and a partial-sum write, so
 // it wants fewer, fatter CTAs; a map kernel has no epilogue and just wants the machine full. A map pass
