@@ -8,6 +8,9 @@
 #            BNX_CUDA_PDL)
 #   plans  - other launch-plan sizes of the sums and map kernels against the defaults (BNX_CUDA_SUMS_PLAN,
 #            BNX_CUDA_MAP_PLAN; not in the default stages), compared case by case by benchmarks/compare_runs.py
+#   ncu    - Nsight Compute on a few training cases: each kernel's time, DRAM bytes and L2 hit rate, with the L2
+#            state each kernel finds (application replay, no cache flush), summarized by benchmarks/ncu_summary.py
+#            (not in the default stages)
 #   sanitize - compute-sanitizer memcheck and racecheck on the fused passes (small shapes; not in the default
 #            stages: it costs device time; the GPU counterpart of scripts/sanitize.sh)
 # Logs and results go to $OUT (./out when OUT is unset). Without a GPU it says so and does nothing.
@@ -138,6 +141,39 @@ run_plans() {
   [ ${#files[@]} -ge 2 ] && "$PY" benchmarks/compare_runs.py "${files[@]}" --md "$OUT/plans.md" | tail -n 70
 }
 
+run_ncu() {
+  # NCU_CASES: entries "pass:dtype:layout:shape[:impl]" (impl bnx by default, or native); NCU_CONFIGS: bnx's walk
+  # switches, as in the groups stage ("PL[B[D]]"; default "10 110": the defaults, then the barrier-free
+  # L2-grouped launch), each bnx case once per configuration. Application replay reruns the program once per
+  # pass over the metrics, so each kernel finds the L2 that the kernels before it left, as in the benchmark.
+  if ! command -v ncu > /dev/null; then echo "ncu: not on the PATH, stage skipped"; return 0; fi
+  local metrics="gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct"
+  local files=() spec p d l s impl cfgs cfg c l2 f
+  for spec in ${NCU_CASES:-train_fwd_bwd:bf16:nchw:256,256,56,56 train_fwd_bwd:fp32:nhwc:32,64,56,56 train_fwd_bwd:fp32:nhwc:32,64,56,56:native}; do
+    IFS=: read -r p d l s impl <<< "$spec"
+    impl=${impl:-bnx}
+    cfgs=${NCU_CONFIGS:-10 110}
+    [ "$impl" = bnx ] || cfgs=native
+    for cfg in $cfgs; do
+      f="$OUT/ncu-$p-$d-$l-$s-$cfg.txt"
+      c=$cfg
+      [ "$cfg" = native ] && c=10  # bnx's defaults; it is not called
+      l2=${c:1:1}
+      [ "$l2" = a ] && l2=auto
+      BNX_CUDA_PLANE_GROUPS=${c:0:1} BNX_CUDA_L2_GROUPS=$l2 BNX_CUDA_L2_GROUPS_BARRIERS=${c:2:1} BNX_CUDA_PDL=${c:3:1} \
+        timeout -s INT -k 10 "$(cap ${NCU_TIMEOUT:-120})" ncu --profile-from-start off --replay-mode application \
+        --cache-control none --clock-control none --metrics "$metrics" --csv --print-units base \
+        "$PY" benchmarks/ncu_case.py --pass "$p" --dtype "$d" --layout "$l" --shape "$s" --impl "$impl" > "$f" 2>&1
+      echo "ncu $spec $cfg rc=$?"
+      files+=("$f")
+    done
+  done
+  "$PY" benchmarks/ncu_summary.py "${files[@]}" --md "$OUT/ncu.md" > /dev/null 2> "$OUT/ncu-summary.err"
+  [ -s "$OUT/ncu.md" ] && grep -A 20 "^## Side by side" "$OUT/ncu.md"
+  [ -s "$OUT/ncu-summary.err" ] && cat "$OUT/ncu-summary.err"
+  return 0
+}
+
 run_sanitize() {
   # memcheck: any access outside an allocation (the caching allocator off, so that each tensor is its own
   # allocation); racecheck: shared-memory races, which the CPU emulation cannot see. Both slow kernels down
@@ -165,6 +201,7 @@ for s in "${stages[@]}"; do
     bench) run_bench "$@" ;;
     groups) run_groups ;;
     plans) run_plans ;;
+    ncu) run_ncu ;;
     sanitize) run_sanitize ;;
     *) echo "gpu_check: unknown stage $s"; exit 2 ;;
   esac

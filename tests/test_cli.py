@@ -303,6 +303,95 @@ def test_ceilings_script(tmp_path):
     assert q.returncode == 2 and "--group-fraction must be in (0, 1]" in q.stderr
 
 
+def _ncu_output(case, rows, prof_lines=True):
+    """What `ncu --csv ... ncu_case.py` prints: the program's record (once per application replay), ncu's
+    own lines, then the details page as CSV (one row per kernel and metric)."""
+    head = ['"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+            '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"']
+    out = [json.dumps(case)]
+    if prof_lines:
+        out = ["==PROF== Connected to process 123 (/usr/bin/python3)", json.dumps(case),
+               "==PROF== Profiling \"channel_sums_kernel\": 0%....50%....100% - 1 pass", json.dumps(case),
+               "==PROF== Disconnected from process 123"]
+    out += head
+    for kid, name, grid, metric, unit, value in rows:
+        out.append(f'"{kid}","123","python3","host","{name}","1","7","(256, 1, 1)","{grid}","0","9.0","Command line '
+                   f'profiler metrics","{metric}","{unit}","{value}"')
+    return "\n".join(out) + "\n"
+
+
+def test_ncu_summary_script(tmp_path):
+    """benchmarks/ncu_summary.py: per kernel its time, DRAM bytes (scaled units converted, thousands
+    separators read) and L2 hit rate from ncu's CSV; per run the DRAM traffic over the compulsory bytes and
+    in tensor transfers; runs side by side; a file without ncu's CSV named, the others still summarized."""
+    script = os.path.join(ROOT, "benchmarks", "ncu_summary.py")
+    case = dict(tool="ncu_case", shape=[4, 8, 6, 6], dtype="bf16", layout="nchw", pass_="train_fwd_bwd", impl="bnx",
+                iters=1, input_sets=9, tensor_bytes=1_000_000, compulsory_bytes=5_000_000,
+                bnx_settings={"BNX_CUDA_L2_GROUPS": "0"})
+    sums = "void bnx::cuda::(anonymous namespace)::channel_sums_kernel<c10::BFloat16, float, (Walk)0>(Params)"
+    rows = [(0, sums, "(132, 8, 1)", "dram__bytes_read.sum", "byte", "1,000,000"),
+            (0, sums, "(132, 8, 1)", "dram__bytes_write.sum", "byte", "4,096"),
+            (0, sums, "(132, 8, 1)", "gpu__time_duration.sum", "nsecond", "12,500"),
+            (0, sums, "(132, 8, 1)", "lts__t_sector_hit_rate.pct", "%", "3.5"),
+            (0, sums, "(132, 8, 1)", "sm__throughput.avg.pct_of_peak_sustained_elapsed", "%", "40"),
+            (1, "map_kernel<float>", "(528, 1, 1)", "dram__bytes_read.sum", "Mbyte", "0.5"),
+            (1, "map_kernel<float>", "(528, 1, 1)", "dram__bytes_write.sum", "Kbyte", "995.904"),
+            (1, "map_kernel<float>", "(528, 1, 1)", "gpu__time_duration.sum", "usecond", "7.5"),
+            (1, "map_kernel<float>", "(528, 1, 1)", "lts__t_sector_hit_rate.pct", "%", "51.25")]
+    a = tmp_path / "a.txt"
+    a.write_text(_ncu_output(case, rows))
+    b = tmp_path / "b.txt"
+    case_b = dict(case, iters=2, bnx_settings={"BNX_CUDA_L2_GROUPS": "1"})
+    b.write_text(_ncu_output(case_b, rows[:4] + [(2,) + r[1:] for r in rows[:4]], prof_lines=False))
+    md = tmp_path / "s.md"
+    p = subprocess.run([sys.executable, script, str(a), str(b), "--md", str(md)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "## a.txt: train_fwd_bwd bf16 nchw 4,8,6,6, bnx (BNX_CUDA_L2_GROUPS=0)" in out
+    assert "| 0 | channel_sums_kernel | (132, 8, 1) | (256, 1, 1) | 12.5 | 1.0 | 0.0 | 3.5 |" in out
+    assert "| 1 | map_kernel | (528, 1, 1) | (256, 1, 1) | 7.5 | 0.5 | 1.0 | 51.2 |" in out
+    # 1 + 0.004096 + 0.5 + 0.995904 = 2.5 MB: 0.50x the compulsory 5 MB, 2.50 transfers of the 1 MB tensor
+    assert ("Per call: 2 kernels, 20.0 us of kernel time, DRAM 1.5 MB read + 1.0 MB written = 0.50x the "
+            "compulsory bytes (2.50 tensor transfers).") in out
+    # b: two calls of one kernel each: per call 12.5 us and 1.004096 MB
+    assert "| b.txt | train_fwd_bwd bf16 nchw 4,8,6,6, bnx (BNX_CUDA_L2_GROUPS=1) | 1 | 12.5 | 1.0 | 0.20 | 1.00 |" in out
+    assert "| a.txt | train_fwd_bwd bf16 nchw 4,8,6,6, bnx (BNX_CUDA_L2_GROUPS=0) | 2 | 20.0 | 2.5 | 0.50 | 2.50 |" in out
+    assert md.read_text().strip() == out.strip()
+    bad = tmp_path / "bad.txt"
+    bad.write_text(json.dumps(case) + "\n==ERROR== Failed to profile\n")
+    q = subprocess.run([sys.executable, script, str(bad), str(a)], capture_output=True, text=True)
+    assert q.returncode == 1 and "bad.txt: no ncu CSV" in q.stderr and "## a.txt" in q.stdout
+    none = tmp_path / "none.txt"
+    none.write_text(_ncu_output(case, rows).replace('"tool": "ncu_case"', '"tool": "other"'))
+    q = subprocess.run([sys.executable, script, str(none)], capture_output=True, text=True)
+    assert q.returncode == 1 and "no ncu_case.py record" in q.stderr and q.stdout == ""
+    unit = tmp_path / "unit.txt"
+    unit.write_text(_ncu_output(case, [rows[0][:4] + ("furlong", "3")]))
+    q = subprocess.run([sys.executable, script, str(unit)], capture_output=True, text=True)
+    assert q.returncode == 1 and "unknown metric unit 'furlong'" in q.stderr
+
+
+def test_ncu_case_script_says_it_needs_a_gpu():
+    """benchmarks/ncu_case.py without a CUDA device: a clear message, a failing exit status."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "ncu_case.py")], capture_output=True,
+                       text=True)
+    assert p.returncode == 1 and "ncu_case: needs a CUDA device" in p.stderr
+
+
+@requires_cuda
+def test_ncu_case_script_cuda():
+    """benchmarks/ncu_case.py runs its case (without ncu, the profiler start and stop do nothing) and prints
+    the case's record first."""
+    p = run_bnx("--shape", "4,8,6,6", "--dtype", "fp32", "--layout", "nhwc", "--iters", "2",
+                cmd=[sys.executable, os.path.join(ROOT, "benchmarks", "ncu_case.py")])
+    assert p.returncode == 0, p.stderr
+    rec = json.loads(p.stdout.splitlines()[0])
+    assert rec["tool"] == "ncu_case" and rec["shape"] == [4, 8, 6, 6] and rec["iters"] == 2
+    assert rec["tensor_bytes"] == 4 * 8 * 6 * 6 * 4 and rec["compulsory_bytes"] == 5 * rec["tensor_bytes"]
+
+
 @requires_cuda
 def test_profile_kernels_script_cuda():
     """benchmarks/profile_kernels.py lists the kernels of both implementations (bnx's by name)."""
