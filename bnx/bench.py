@@ -255,7 +255,7 @@ class Timer:
                 held.record()
             for r in range(reps):
                 starts[r].record()
-                keep.append(fn(r % nsets))
+                keep.append(fn((attempt * reps + r) % nsets))  # a try goes on rotating from where the last one left
                 ends[r].record()
             outran = held is not None and held.query()
             torch.cuda.synchronize()

@@ -503,19 +503,21 @@ def test_bench_cuda_queues_again_when_the_sleep_ends_first(monkeypatch):
     monkeypatch.setattr(torch.cuda, "_sleep", _sleep, raising=False)
     monkeypatch.setattr(Timer, "_calibrate_sleep", staticmethod(lambda: 1000.0))
     calls = []
-    reps = 4
+    reps, nsets = 4, 3
     for outrun, want_tries, want_us in [(0, 1, 10.0), (1, 2, 10.0), (2, 3, 10.0), (3, 4, 500.0), (5, 4, 500.0)]:
         state.update(outrun_tries=outrun, **{"try": 0})
         sleeps.clear()
         calls.clear()
         timer = Timer(torch.device("cuda"), reps=reps, warmup=1, cpu_seconds=0.0)
-        median_us, min_us, n, _ = timer(lambda i: calls.append(i), 1)
+        median_us, min_us, n, _ = timer(lambda i: calls.append(i), nsets)
         assert timer.last_queue_tries == want_tries, (outrun, timer.last_queue_tries)
         assert median_us == pytest.approx(want_us) and min_us == pytest.approx(want_us), (outrun, median_us)
         tries = min(outrun + 1, Timer.QUEUE_TRIES)
         assert len(sleeps) == tries
         assert all(abs(b - min(4 * a, 1_000_000)) <= 4 for a, b in zip(sleeps, sleeps[1:])), sleeps  # 4x longer
-        assert len(calls) == 2 + 5 + tries * reps  # warm-up (nsets + 1), host probe, the queued tries
+        probe = (nsets + 1) + 5  # warm-up, then the host-time probe
+        assert len(calls) == probe + tries * reps
+        assert calls[probe:] == [r % nsets for r in range(tries * reps)]  # each try rotates on from the last
 
 
 def test_bench_report_names_the_cases_queued_again():
