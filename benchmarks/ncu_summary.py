@@ -116,8 +116,8 @@ def _f(v, spec):
 def markdown(runs):
     """runs: [(label, case, kernels)]."""
     L = []
-    for label, case, kernels in runs:
-        t = totals(case, kernels)
+    run_totals = [totals(case, kernels) for _, case, kernels in runs]
+    for (label, case, kernels), t in zip(runs, run_totals):
         L += [f"## {label}: {_case_text(case)}", "",
               f"{case['iters']} call(s) profiled; tensor {case['tensor_bytes'] / 1e6:.1f} MB, compulsory "
               f"{case['compulsory_bytes'] / 1e6:.1f} MB per call.", "",
@@ -136,8 +136,7 @@ def markdown(runs):
         L += ["## Side by side (per call)", "",
               "| run | case | kernels | kernel us | DRAM MB | x compulsory | transfers |",
               "|---|---|---:|---:|---:|---:|---:|"]
-        for label, case, kernels in runs:
-            t = totals(case, kernels)
+        for (label, case, _), t in zip(runs, run_totals):
             L.append(f"| {label} | {_case_text(case)} | {t['kernels'] / case['iters']:.0f} | {t['time_us']:.1f} | "
                      f"{(t['dram_read'] + t['dram_write']) / 1e6:.1f} | {t['dram_over_compulsory']:.2f} | "
                      f"{t['transfers']:.2f} |")

@@ -244,7 +244,6 @@ class Timer:
         # again behind a sleep four times as long, at most QUEUE_TRIES times in all. last_queue_tries says
         # how many it took (QUEUE_TRIES + 1: the last try was outrun too).
         sleep_ms = min(200.0, reps * cpu_per_call * 1e3 * 1.5 + 0.05)
-        self.last_queue_tries = 1
         for attempt in range(self.QUEUE_TRIES):
             starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
             ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -260,10 +259,10 @@ class Timer:
             outran = held is not None and held.query()
             torch.cuda.synchronize()
             ts = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
-            self.last_queue_tries = attempt + 1 + (outran and attempt + 1 == self.QUEUE_TRIES)
             if not outran:
                 break
             sleep_ms = min(1000.0, sleep_ms * 4)
+        self.last_queue_tries = attempt + 1 + outran  # outran still: every try was outrun
         keep.clear()
         return statistics.median(ts), min(ts), reps, cpu_per_call * 1e6
 
