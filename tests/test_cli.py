@@ -371,6 +371,56 @@ def test_ncu_summary_script(tmp_path):
     assert q.returncode == 1 and "unknown metric unit 'furlong'" in q.stderr
 
 
+def _ptxas_entry(mangled, registers, smem, spills=(0, 0)):
+    return (f"ptxas info    : Compiling entry function '{mangled}' for 'sm_90'\n"
+            f"ptxas info    : Function properties for {mangled}\n"
+            f"    {spills[0]} bytes stack frame, {spills[0]} bytes spill stores, {spills[1]} bytes spill loads\n"
+            f"ptxas info    : Used {registers} registers, used 1 barriers" + (f", {smem} bytes smem" if smem else "") +
+            "\nptxas info    : Compile time = 60.152 ms\n")
+
+
+def test_kernel_resources_script(tmp_path):
+    """benchmarks/kernel_resources.py --log: per kernel, op and walk (and the grouped launch's synchronization)
+    and per dtype, the 16-byte-vector kernels' most registers and the resident CTAs of 256 threads per SM on
+    sm_90 (registers allocated per warp in units of 256, at most 2048 threads and 228 KB of shared memory,
+    1 KB reserved per CTA), and their spills."""
+    import importlib.util
+
+    script = os.path.join(ROOT, "benchmarks", "kernel_resources.py")
+    spec = importlib.util.spec_from_file_location("kernel_resources", script)
+    kr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kr)
+    # 74 registers: 2368 per warp, 2560 allocated -> 20480 per CTA -> 3 CTAs; 48: 5; 80: 3 by registers, but
+    # 120 KB of shared memory allows 1; 216: 6912 per warp -> 55296 per CTA -> 1; 32: 8 by the thread slots.
+    assert [kr.resident_ctas(r, m) for r, m in [(74, 16384), (48, 0), (80, 120_000), (216, 18433), (32, 0)]] == \
+        [3, 5, 1, 1, 8]
+    sums = ("_ZN3bnx4cuda19channel_sums_kernelIfLi8ELi1ENS0_16ShiftedMomentsOpIN3c108BFloat16EfEENS0_15MomentsFinalize"
+            "IS4_fEEEEvNS0_4PlanET2_T3_PT_")
+    grouped = ("_ZN3bnx4cuda23grouped_sums_map_kernelIfLi8ELi2ELi2ENS0_61_GLOBAL__N__0997ce1f_22_batch_norm_backward_cu_"
+               "64006aef_1703010GradSumsOpIN3c108BFloat16EfLb0EEENS2_12GradFinalizeIfEENS2_16BatchGradInputOpIS5_fEEEEvN"
+               "S0_4PlanENS0_6GroupsET3_T4_T5_PT_Pj")
+    fin = "_ZN3bnx4cuda15finalize_kernelIfNS0_15MomentsFinalizeIN3c108BFloat16EfEEEEvPKT_llT0_"
+    log = tmp_path / "ptxas.log"
+    # The 4-wide sums kernel (150 registers) is not a 16-byte one: left out of its row.
+    log.write_text("nvcc noise\n" + _ptxas_entry(sums, 74, 16384)
+                   + _ptxas_entry(sums.replace("Li8ELi1E", "Li4ELi1E"), 150, 0)
+                   + _ptxas_entry(grouped, 216, 18433, spills=(32, 40)) + _ptxas_entry(fin, 32, 0)
+                   + _ptxas_entry(sums.replace("IN3c108BFloat16EfEE", "IffEE"), 80, 120_000))
+    md = tmp_path / "r.md"
+    p = subprocess.run([sys.executable, script, "--log", str(log), "--md", str(md)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "| kernel | op | walk / sync | fp32 | bf16 | fp32 acc |" in out
+    assert "| channel_sums_kernel | ShiftedMomentsOp | rows | 80 / 1 | 74 / 3 | - |" in out
+    assert "| grouped_sums_map_kernel | GradSumsOp | plane groups, no barrier | - | 216 / 1 (1: 72 B) | - |" in out
+    assert "| finalize_kernel | - | - | - | - | 32 / 8 |" in out
+    assert md.read_text().strip() == out.strip()
+    empty = tmp_path / "empty.log"
+    empty.write_text("nvcc: nothing compiled\n")
+    q = subprocess.run([sys.executable, script, "--log", str(empty)], capture_output=True, text=True)
+    assert q.returncode != 0 and "ptxas reported no kernel for sm_90" in q.stderr
+
+
 def test_ncu_case_script_says_it_needs_a_gpu():
     """benchmarks/ncu_case.py without a CUDA device: a clear message, a failing exit status."""
     if torch.cuda.is_available():

@@ -872,10 +872,21 @@ __device__ __forceinline__ void finish_column(const Plan& p, int64_t x, const Fi
   for (int64_t c = c0 + warp; c < c1; c += warps) finalize_channel</*kCoherent=*/true>(partial, p.splits, p.C, c, lane, fin);
 }
 
+// A cooperative launch gets exactly the CTAs that fit on an SM, so the grouped kernel's registers set its loads
+// in flight: ptxas gives it 76-184 a thread (1-3 CTAs per SM), against 45-99 for the two launches' kernels
+// (sm_90, `python benchmarks/kernel_resources.py`). BNX_CUDA_GROUPED_MIN_CTAS=n, a compile-time switch for
+// measuring, asks ptxas for n CTAs per SM instead, which spills (at b28f733: the 16-bit backward forms at 2,
+// every backward form at 3; docs/DESIGN.md).
+#ifdef BNX_CUDA_GROUPED_MIN_CTAS
+#define BNX_GROUPED_LAUNCH_BOUNDS __launch_bounds__(kThreads, BNX_CUDA_GROUPED_MIN_CTAS)
+#else
+#define BNX_GROUPED_LAUNCH_BOUNDS __launch_bounds__(kThreads)
+#endif
+
 template <typename acc_t, int V, int W, int kSync, typename SumOp, typename Fin, typename MapOp>
-__global__ void __launch_bounds__(kThreads) grouped_sums_map_kernel(Plan p, Groups groups, SumOp sop, Fin fin, MapOp mop,
-                                                                    acc_t* __restrict__ partial,
-                                                                    unsigned* __restrict__ counts) {
+__global__ void BNX_GROUPED_LAUNCH_BOUNDS grouped_sums_map_kernel(Plan p, Groups groups, SumOp sop, Fin fin, MapOp mop,
+                                                                  acc_t* __restrict__ partial,
+                                                                  unsigned* __restrict__ counts) {
   __shared__ acc_t local_a[kMaxTileChannels], local_b[kMaxTileChannels];
   const int64_t ctas = gridDim.x;
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
