@@ -153,3 +153,34 @@ def train_fwd_bwd(x, w, b, gy, formula, rm=None, rv=None):
     y = bnx.functional.batch_norm(x, rm, rv, w, b, training=True, backward=formula)
     y.backward(gy)
     return [y.detach(), x.grad, w.grad, b.grad]
+
+
+def every_finite_bf16(layout, device, seed=0):
+    """All 65280 finite bfloat16 values, in a random order, as (1, 8, 80, 102): 16-byte vectors of 8 elements
+    in NCHW planes and channels-last rows alike."""
+    bits = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16)
+    values = bits.view(torch.bfloat16)
+    values = values[torch.isfinite(values)]
+    g = torch.Generator().manual_seed(seed)
+    values = values[torch.randperm(values.numel(), generator=g)].reshape(1, 8, 80, 102)
+    if layout == "cl":
+        values = values.contiguous(memory_format=torch.channels_last)
+    return values.to(device)
+
+
+def assert_bf16_maps_exact(ops, layout, device):
+    """The elementwise passes with coefficients that make them identities, on every finite bfloat16 value: the
+    normalize (mean 0, invstd 1), the frozen backward's dx (weight * invstd = 1) and the batch backward's dx
+    (zero gradient sums) must give their input back, each element in its place (a vector's elements read or
+    written in the wrong order, or rounded wrongly, would not)."""
+    x = every_finite_bf16(layout, device, seed=1)
+    dy = every_finite_bf16(layout, device, seed=2)
+    C = x.shape[1]
+    zeros = torch.zeros(C, device=device)
+    ones = torch.ones(C, device=device)
+    y = ops.batch_norm_elemt(x, None, None, zeros, ones)
+    assert torch.equal(y, x), "normalize with mean 0, invstd 1"
+    dx, _, _ = ops.batch_norm_backward(dy, x, zeros, ones, ones, "frozen", [True, False, False])
+    assert torch.equal(dx, dy), "frozen dx with weight * invstd = 1"
+    dx = ops.batch_norm_backward_elemt(dy, x, zeros, ones, ones, zeros, zeros, x.numel() // C)
+    assert torch.equal(dx, dy), "batch dx with zero gradient sums"

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import bnx
-from conftest import assert_close, make_input, train_fwd_bwd
+from conftest import assert_bf16_maps_exact, assert_close, make_input, train_fwd_bwd
 
 EPS = 1e-5
 
@@ -147,3 +147,10 @@ def test_baseline_kernels_in_subprocess():
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "failed" not in r.stdout
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_bf16_maps_exact_on_every_value(layout):
+    """The CPU ops' elementwise passes with identity coefficients give every finite bfloat16 value back in its
+    place (the same check runs on the CUDA kernels: tests/test_cuda.py, tests/test_cuda_emulation.py)."""
+    assert_bf16_maps_exact(torch.ops.bnx, layout, "cpu")

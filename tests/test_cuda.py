@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bnx
-from conftest import HAS_CUDA, LARGE_ENABLED, assert_close, requires_cuda, train_fwd_bwd
+from conftest import HAS_CUDA, LARGE_ENABLED, assert_bf16_maps_exact, assert_close, requires_cuda, train_fwd_bwd
 
 pytestmark = requires_cuda
 ops = torch.ops.bnx
@@ -323,3 +323,10 @@ def _fused_passes_against_float64(shape, dtype, memory_format, seed=7):
             torch.testing.assert_close(g.double().cpu() / scale, r / scale, **tol, msg=f"{formula} {name}")
         torch.testing.assert_close(rm.double().cpu(), rmd, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(rv.double().cpu(), rvd, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_bf16_maps_exact_on_every_value(layout):
+    """bf16 elements are read from and written to 32-bit words in pairs (to_acc; from_acc by
+    cvt.rn.bf16x2.f32): identity maps give every finite bfloat16 value back in its place."""
+    assert_bf16_maps_exact(ops, layout, DEV)

@@ -23,7 +23,7 @@ import torch
 from torch.utils import cpp_extension
 
 import bnx  # noqa: F401  (registers torch.ops.bnx, whose schemas the emulated library reuses)
-from conftest import assert_variance_exact
+from conftest import assert_bf16_maps_exact, assert_variance_exact
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ["batch_norm_stats", "batch_norm_train_forward", "batch_norm_elemt", "batch_norm_inference",
@@ -530,3 +530,10 @@ def test_emulated_variance_with_an_outlier_at_the_first_element(emu, monkeypatch
     if layout == "cl":
         x = x.contiguous(memory_format=torch.channels_last)
     assert_variance_exact(emu.batch_norm_stats, x, 2e-6)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_emulated_bf16_maps_exact_on_every_value(emu, layout):
+    """bf16 elements are read from and written to 32-bit words in pairs (to_acc, from_acc): identity maps give
+    every finite bfloat16 value back in its place."""
+    assert_bf16_maps_exact(emu, layout, "cpu")

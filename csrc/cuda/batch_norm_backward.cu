@@ -45,15 +45,15 @@ struct GradSumsOp {
 #pragma unroll
     for (int u = 0; u < B; ++u) {
       if (u >= n) break;
-      Vec<scalar_t, V> out;
+      acc_t out[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        const acc_t g = static_cast<acc_t>(gv[u].v[i]);
+        const acc_t g = to_acc<acc_t>(gv[u], i);
         s1[i] += g;
-        s2[i] += g * (static_cast<acc_t>(xv[u].v[i]) - k.a[i]);
-        if (kWriteDx) out.v[i] = static_cast<scalar_t>(g * k.b[i]);
+        s2[i] += g * (to_acc<acc_t>(xv[u], i) - k.a[i]);
+        if (kWriteDx) out[i] = g * k.b[i];
       }
-      if (kWriteDx) store_vec<V>(dx, off[u], out);
+      if (kWriteDx) store_vec<V>(dx, off[u], from_acc<scalar_t>(out));
     }
   }
 };
@@ -118,13 +118,12 @@ struct BatchGradInputOp {
 #pragma unroll
     for (int u = 0; u < B; ++u) {
       if (u >= n) break;
-      Vec<scalar_t, V> out;
+      acc_t out[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        out.v[i] = static_cast<scalar_t>(static_cast<acc_t>(gv[u].v[i]) * k.a[i] +
-                                         (static_cast<acc_t>(xv[u].v[i]) - k.d[i]) * k.b[i] + k.c[i]);
+        out[i] = to_acc<acc_t>(gv[u], i) * k.a[i] + (to_acc<acc_t>(xv[u], i) - k.d[i]) * k.b[i] + k.c[i];
       }
-      store_vec<V>(dx, off[u], out);
+      store_vec<V>(dx, off[u], from_acc<scalar_t>(out));
     }
   }
 };
@@ -183,10 +182,10 @@ struct FrozenGradInputOp {
 #pragma unroll
     for (int u = 0; u < B; ++u) {
       if (u >= n) break;
-      Vec<scalar_t, V> out;
+      acc_t out[V];
 #pragma unroll
-      for (int i = 0; i < V; ++i) out.v[i] = static_cast<scalar_t>(static_cast<acc_t>(gv[u].v[i]) * k.a[i]);
-      store_vec<V>(dx, off[u], out);
+      for (int i = 0; i < V; ++i) out[i] = to_acc<acc_t>(gv[u], i) * k.a[i];
+      store_vec<V>(dx, off[u], from_acc<scalar_t>(out));
     }
   }
 };

@@ -89,6 +89,45 @@ __device__ __forceinline__ Vec<T, V> load_vec(const T* __restrict__ p, int64_t o
   return *reinterpret_cast<const Vec<T, V>*>(p + offset);
 }
 
+// Element i of vector v as acc_t. A bfloat16 is the high half of a float32, so one 32-bit word of the vector
+// gives its two elements by a shift and a mask; converting element by element first unpacks the pair into two
+// 16-bit registers, which cost the bf16 backward kernels 30-41 registers a thread (2026-11-27, sm_90: grad_input
+// 105-128 -> 64-96, `python benchmarks/kernel_resources.py`). Exact either way.
+template <typename acc_t, typename T, int V>
+__device__ __forceinline__ acc_t to_acc(const Vec<T, V>& v, int i) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<acc_t, float> && V % 2 == 0) {
+    uint32_t w;
+    memcpy(&w, &v.v[i & ~1], sizeof(w));  // elements i & ~1 (low half) and i | 1 (high half)
+    w = (i & 1) ? (w & 0xffff0000u) : (w << 16);
+    float f;
+    memcpy(&f, &w, sizeof(f));
+    return f;
+  } else {
+    return static_cast<acc_t>(v.v[i]);
+  }
+}
+
+// r[0..V) rounded (to nearest even) to a vector of T. bfloat16 two at a time, by the one instruction that
+// rounds a pair into one 32-bit word (cvt.rn.bf16x2.f32; sm_80 and up), with the same results as one by one.
+// (The emulation pairs them the same way, with c10's rounding.)
+template <typename T, int V, typename acc_t>
+__device__ __forceinline__ Vec<T, V> from_acc(const acc_t (&r)[V]) {
+  Vec<T, V> out;
+#if defined(BNX_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<acc_t, float> && V % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < V; i += 2) {
+      const __nv_bfloat162 pair = __floats2bfloat162_rn(r[i], r[i + 1]);  // .x (low half) = r[i]
+      memcpy(&out.v[i], &pair, sizeof(pair));
+    }
+    return out;
+  }
+#endif
+#pragma unroll
+  for (int i = 0; i < V; ++i) out.v[i] = static_cast<T>(r[i]);
+  return out;
+}
+
 template <int V, typename T>
 __device__ __forceinline__ void store_vec(T* __restrict__ p, int64_t offset, const Vec<T, V>& v) {
 #ifdef BNX_CUDA_EMULATION

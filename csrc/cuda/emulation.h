@@ -19,6 +19,7 @@
 
 #include <ucontext.h>
 
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
 #if defined(__SANITIZE_ADDRESS__)  // scripts/sanitize.sh emulation builds it with -fsanitize=address
@@ -402,3 +403,10 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   return bnx::cuda::emulation::Block::current()->shfl_xor(mask, v, lane_mask, width);
 }
+
+// cuda_bf16.h's pair of bfloat16 and its round-to-nearest-even conversion from two floats (.x, the low half,
+// from a), so that from_acc's pairing runs here as on the GPU.
+struct __nv_bfloat162 {
+  c10::BFloat16 x, y;
+};
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {c10::BFloat16(a), c10::BFloat16(b)}; }

@@ -38,7 +38,7 @@ struct ShiftedMomentsOp {
       if (u >= n) break;
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        const acc_t d = static_cast<acc_t>(v[u].v[i]) - k.a[i];
+        const acc_t d = to_acc<acc_t>(v[u], i) - k.a[i];
         s1[i] += d;
         s2[i] += d * d;
       }
@@ -119,12 +119,10 @@ struct AffineOp {
 #pragma unroll
     for (int u = 0; u < B; ++u) {
       if (u >= n) break;
-      Vec<scalar_t, V> out;
+      acc_t out[V];
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
-        out.v[i] = static_cast<scalar_t>((static_cast<acc_t>(v[u].v[i]) - k.a[i]) * k.b[i] + k.c[i]);
-      }
-      store_vec<V>(y, off[u], out);
+      for (int i = 0; i < V; ++i) out[i] = (to_acc<acc_t>(v[u], i) - k.a[i]) * k.b[i] + k.c[i];
+      store_vec<V>(y, off[u], from_acc<scalar_t>(out));
     }
   }
 };
