@@ -142,12 +142,13 @@ def compile_flags():
         inc = cpp_extension.include_paths(device_type="cuda")
     except TypeError:  # older torch
         inc = cpp_extension.include_paths(cuda=True)
-    import site
-
-    for s in site.getsitepackages():  # the headers that the minimal toolkit lacks (../shared/BUILDING.md)
-        p = os.path.join(s, "nvidia", "cu13", "include")
-        if os.path.isdir(p):
-            inc.append(p)
+    # The headers that a minimal toolkit lacks, found as setup.py's cuda_header_dirs finds them (setup.py
+    # cannot be imported: it runs setup()).
+    for entry in sys.path:
+        for pattern in ("nvidia/cu*/include", "nvidia/*/include"):
+            for d in sorted(glob.glob(os.path.join(entry, pattern))):
+                if os.path.isdir(d) and d not in inc:
+                    inc.append(d)
     return [f"-I{i}" for i in inc] + [f"-I{os.path.join(ROOT, 'csrc')}"]
 
 
@@ -185,7 +186,7 @@ def summarize(entries, arch="90"):
             es = [e for e in es if e["width"] == widest]
             worst = max(es, key=lambda e: e["registers"])
             spills = [e["spill_stores"] + e["spill_loads"] for e in es if e["spill_stores"] or e["spill_loads"]]
-            cells[dtype] = dict(n=len(es), registers=worst["registers"],
+            cells[dtype] = dict(registers=worst["registers"],
                                 ctas=min(resident_ctas(e["registers"], e["smem"], arch) for e in es),
                                 spilling=len(spills), spill_max=max(spills, default=0))
         rows.append(dict(kernel=kernel, op=op, variant=variant, cells=cells))
