@@ -36,12 +36,25 @@ struct GradSumsOp {
     return k;
   }
 
+  // The tensors it reads, in the order of accumulate_loaded's `in` (the on-chip launch caches them).
+  static constexpr int kInputs = 2;
+  __host__ __device__ const scalar_t* input(int j) const { return j == 0 ? x : dy; }
+
   template <int V, int B>
   __device__ __forceinline__ void accumulate(const int64_t* off, int n, const Coef<acc_t, V>& k, acc_t* s1,
                                              acc_t* s2) const {
-    Vec<scalar_t, V> xv[B], gv[B];
-    load_batch<V, B>(x, off, n, xv);
-    load_batch<V, B>(dy, off, n, gv);
+    Vec<scalar_t, V> in[kInputs][B];
+    load_batch<V, B>(x, off, n, in[0]);
+    load_batch<V, B>(dy, off, n, in[1]);
+    accumulate_loaded<V, B>(off, in, n, k, s1, s2);
+  }
+
+  // accumulate on vectors already loaded (in[0]: x, in[1]: dy, at off).
+  template <int V, int B>
+  __device__ __forceinline__ void accumulate_loaded(const int64_t* off, const Vec<scalar_t, V> (&in)[kInputs][B], int n,
+                                                    const Coef<acc_t, V>& k, acc_t* s1, acc_t* s2) const {
+    const Vec<scalar_t, V>* xv = in[0];
+    const Vec<scalar_t, V>* gv = in[1];
 #pragma unroll
     for (int u = 0; u < B; ++u) {
       if (u >= n) break;
@@ -110,11 +123,23 @@ struct BatchGradInputOp {
     return k;
   }
 
+  static constexpr int kInputs = 2;
+  __host__ __device__ const scalar_t* input(int j) const { return j == 0 ? x : dy; }
+
   template <int V, int B>
   __device__ __forceinline__ void apply(const int64_t* off, int n, const Coef<acc_t, V>& k) const {
-    Vec<scalar_t, V> xv[B], gv[B];
-    load_batch<V, B>(x, off, n, xv);
-    load_batch<V, B>(dy, off, n, gv);
+    Vec<scalar_t, V> in[kInputs][B];
+    load_batch<V, B>(x, off, n, in[0]);
+    load_batch<V, B>(dy, off, n, in[1]);
+    apply_loaded<V, B>(off, in, n, k);
+  }
+
+  // apply on vectors already loaded (in[0]: x, in[1]: dy, at off).
+  template <int V, int B>
+  __device__ __forceinline__ void apply_loaded(const int64_t* off, const Vec<scalar_t, V> (&in)[kInputs][B], int n,
+                                               const Coef<acc_t, V>& k) const {
+    const Vec<scalar_t, V>* xv = in[0];
+    const Vec<scalar_t, V>* gv = in[1];
 #pragma unroll
     for (int u = 0; u < B; ++u) {
       if (u >= n) break;

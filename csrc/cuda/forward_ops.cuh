@@ -28,11 +28,22 @@ struct ShiftedMomentsOp {
     return k;
   }
 
+  // The tensors it reads, in the order of accumulate_loaded's `in` (the on-chip launch caches them).
+  static constexpr int kInputs = 1;
+  __host__ __device__ const scalar_t* input(int) const { return x; }
+
   template <int V, int B>
   __device__ __forceinline__ void accumulate(const int64_t* off, int n, const Coef<acc_t, V>& k, acc_t* s1,
                                              acc_t* s2) const {
-    Vec<scalar_t, V> v[B];
-    load_batch<V, B>(x, off, n, v);
+    Vec<scalar_t, V> in[kInputs][B];
+    load_batch<V, B>(x, off, n, in[0]);
+    accumulate_loaded<V, B>(off, in, n, k, s1, s2);
+  }
+
+  template <int V, int B>
+  __device__ __forceinline__ void accumulate_loaded(const int64_t* /*off*/, const Vec<scalar_t, V> (&in)[kInputs][B],
+                                                    int n, const Coef<acc_t, V>& k, acc_t* s1, acc_t* s2) const {
+    const Vec<scalar_t, V>* v = in[0];
 #pragma unroll
     for (int u = 0; u < B; ++u) {
       if (u >= n) break;
@@ -112,10 +123,21 @@ struct AffineOp {
     return k;
   }
 
+  static constexpr int kInputs = 1;
+  __host__ __device__ const scalar_t* input(int) const { return x; }
+
   template <int V, int B>
   __device__ __forceinline__ void apply(const int64_t* off, int n, const Coef<acc_t, V>& k) const {
-    Vec<scalar_t, V> v[B];
-    load_batch<V, B>(x, off, n, v);
+    Vec<scalar_t, V> in[kInputs][B];
+    load_batch<V, B>(x, off, n, in[0]);
+    apply_loaded<V, B>(off, in, n, k);
+  }
+
+  // apply on vectors already loaded (in[0]: x at off).
+  template <int V, int B>
+  __device__ __forceinline__ void apply_loaded(const int64_t* off, const Vec<scalar_t, V> (&in)[kInputs][B], int n,
+                                               const Coef<acc_t, V>& k) const {
+    const Vec<scalar_t, V>* v = in[0];
 #pragma unroll
     for (int u = 0; u < B; ++u) {
       if (u >= n) break;
