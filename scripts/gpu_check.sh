@@ -5,7 +5,7 @@
 #   cli    - python -m bnx explain / check on CUDA
 #   bench  - the benchmark; arguments after "--" go to it; then benchmarks/ceilings.py on its JSON
 #   groups - the training passes with each walk switch off and on (BNX_CUDA_PLANE_GROUPS, BNX_CUDA_L2_GROUPS,
-#            BNX_CUDA_PDL)
+#            BNX_CUDA_PDL, BNX_CUDA_ON_CHIP)
 #   plans  - other launch-plan sizes of the sums and map kernels against the defaults (BNX_CUDA_SUMS_PLAN,
 #            BNX_CUDA_MAP_PLAN; not in the default stages), compared case by case by benchmarks/compare_runs.py
 #   ncu    - Nsight Compute on a few training cases: each kernel's time, DRAM bytes and L2 hit rate, with the L2
@@ -101,18 +101,20 @@ run_bench() {
 
 run_groups() {
   # Each walk switch against the defaults on the training passes, same machine, native in every run:
-  # config "PL[B[D]]" sets BNX_CUDA_PLANE_GROUPS=P, BNX_CUDA_L2_GROUPS=L (a: auto), BNX_CUDA_L2_GROUPS_BARRIERS=B
-  # and BNX_CUDA_PDL=D (GROUPS_CONFIGS, default "10 110 1a 1001": the defaults; the L2-grouped launch without
-  # grid barriers (per-column counts, any layout) everywhere; the same only where it buys L2 reuse (auto); the
-  # defaults with programmatic dependent launches (B is unused without L2 groups). Also: "11": one barrier per
+  # config "PL[B[D[O]]]" sets BNX_CUDA_PLANE_GROUPS=P, BNX_CUDA_L2_GROUPS=L (a: auto), BNX_CUDA_L2_GROUPS_BARRIERS=B,
+  # BNX_CUDA_PDL=D and BNX_CUDA_ON_CHIP=O (GROUPS_CONFIGS, default "10 110 1a 1001 10001": the defaults; the
+  # L2-grouped launch without grid barriers (per-column counts, any layout) everywhere; the same only where it buys
+  # L2 reuse (auto); the defaults with programmatic dependent launches (B is unused without L2 groups); the
+  # on-chip launch wherever the input fits in shared memory (the launch-bound shape). Also: "11": one barrier per
   # group in NCHW; "112": two barriers per group everywhere; "00": plane groups off). The grouped launch narrows
   # channels-last columns to fit in L2, down to BNX_CUDA_L2_GROUP_ROW_BYTES (default 64) bytes of every row; set
   # it in the environment to compare floors.
   local cfg l2 files=()
-  for cfg in ${GROUPS_CONFIGS:-10 110 1a 1001}; do
+  for cfg in ${GROUPS_CONFIGS:-10 110 1a 1001 10001}; do
     l2=${cfg:1:1}
     [ "$l2" = a ] && l2=auto
     BNX_CUDA_PLANE_GROUPS=${cfg:0:1} BNX_CUDA_L2_GROUPS=$l2 BNX_CUDA_L2_GROUPS_BARRIERS=${cfg:2:1} BNX_CUDA_PDL=${cfg:3:1} \
+      BNX_CUDA_ON_CHIP=${cfg:4:1} \
       timeout -s INT -k 10 "$(cap ${GROUPS_TIMEOUT:-200})" \
       "$PY" -m bnx bench --device cuda --shapes "${GROUPS_SHAPES:-gpu}" --passes "${GROUPS_PASSES:-train_fwd,train_bwd,train_fwd_bwd}" \
       --peers native --json "$OUT/groups-$cfg.json" --md "$OUT/groups-$cfg.md" 2> "$OUT/groups-$cfg-progress.log" \
@@ -143,7 +145,7 @@ run_plans() {
 
 run_ncu() {
   # NCU_CASES: entries "pass:dtype:layout:shape[:impl]" (impl bnx by default, or native); NCU_CONFIGS: bnx's walk
-  # switches, as in the groups stage ("PL[B[D]]"; default "10 110": the defaults, then the barrier-free
+  # switches, as in the groups stage ("PL[B[D[O]]]"; default "10 110": the defaults, then the barrier-free
   # L2-grouped launch), each bnx case once per configuration. Application replay reruns the program once per
   # pass over the metrics, so each kernel finds the L2 that the kernels before it left, as in the benchmark.
   if ! command -v ncu > /dev/null; then echo "ncu: not on the PATH, stage skipped"; return 0; fi
@@ -161,6 +163,7 @@ run_ncu() {
       l2=${c:1:1}
       [ "$l2" = a ] && l2=auto
       BNX_CUDA_PLANE_GROUPS=${c:0:1} BNX_CUDA_L2_GROUPS=$l2 BNX_CUDA_L2_GROUPS_BARRIERS=${c:2:1} BNX_CUDA_PDL=${c:3:1} \
+        BNX_CUDA_ON_CHIP=${c:4:1} \
         timeout -s INT -k 10 "$(cap ${NCU_TIMEOUT:-120})" ncu --profile-from-start off --replay-mode application \
         --cache-control none --clock-control none --metrics "$metrics" --csv --print-units base \
         "$PY" benchmarks/ncu_case.py --pass "$p" --dtype "$d" --layout "$l" --shape "$s" --impl "$impl" > "$f" 2>&1
@@ -180,8 +183,9 @@ run_sanitize() {
   # by orders of magnitude, hence small shapes (ids shape0-4: up to (5,16,14,14)) and four of the six walk
   # configurations, plus one case of the barrier-free grouped launch on narrowed channels-last columns (fp32,
   # (16,64,32,32)) and one of the programmatic dependent launches (fp32 channels-last (32,64,28,28), many
-  # splits per channel); SANITIZE_TESTS overrides the -k expression.
-  local k="${SANITIZE_TESTS:-(test_fused_passes_match_reference and (default or l2_groups_plane_groups_off or two_barriers or no_barrier) and not shape5 and not shape6) or (narrowed_channels_last and no_barrier and row16 and dtype0) or (programmatic_dependent_launch and shape1 and dtype0 and nhwc)}"
+  # splits per channel), plus the on-chip launch on (6,5,7,9) (shared-memory cache, cp.async, both layouts and
+  # dtypes); SANITIZE_TESTS overrides the -k expression.
+  local k="${SANITIZE_TESTS:-(test_fused_passes_match_reference and (default or l2_groups_plane_groups_off or two_barriers or no_barrier) and not shape5 and not shape6) or (narrowed_channels_last and no_barrier and row16 and dtype0) or (programmatic_dependent_launch and shape1 and dtype0 and nhwc) or (on_chip_launch_matches_reference and shape0)}"
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 10 "$(cap ${SANITIZE_TIMEOUT:-150})" \
       compute-sanitizer --tool "$tool" --error-exitcode 99 \

@@ -47,7 +47,8 @@ def test_runs_on_current_stream(pdl, monkeypatch):
     assert_close(y_op, expected[0], 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("switch", ["", "BNX_CUDA_L2_GROUPS", "BNX_CUDA_PDL"], ids=["default", "l2_groups", "pdl"])
+@pytest.mark.parametrize("switch", ["", "BNX_CUDA_L2_GROUPS", "BNX_CUDA_PDL", "BNX_CUDA_ON_CHIP"],
+                         ids=["default", "l2_groups", "pdl", "on_chip"])
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "num_batches_tracked"])
 def test_cuda_graph_capture(momentum, switch, monkeypatch):
     """Functional train forward (with running-stat update; momentum=None reads
@@ -280,6 +281,42 @@ def test_auto_l2_groups_match_reference(shape, memory_format, dtype, monkeypatch
     monkeypatch.setenv("BNX_CUDA_L2_GROUP_BYTES", str(1 << 20))
     monkeypatch.delenv("BNX_CUDA_L2_GROUP_ROW_BYTES", raising=False)
     _fused_passes_against_float64(shape, dtype, memory_format)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(6, 5, 7, 9), (9, 16, 7, 7), (32, 64, 28, 28), (300, 32, 3, 3), (32, 64, 56, 56)])
+def test_on_chip_launch_matches_reference(shape, dtype, memory_format, monkeypatch):
+    """BNX_CUDA_ON_CHIP=1: where the input fits in the shared memory of the resident CTAs (on an H100 or H200
+    every shape here but the fp32 backward of (32,64,56,56), whose x and dy take 51 MB), the training forward
+    and the batch backward run as one cooperative launch that reads each input from DRAM once; elsewhere the
+    two launches. Either way the float64 reference's results, both formulas, three inputs in turn (one for
+    the largest, whose float64 reference takes the host a while)."""
+    monkeypatch.setenv("BNX_CUDA_ON_CHIP", "1")
+    for seed in range(1 if shape == (32, 64, 56, 56) else 3):
+        _fused_passes_against_float64(shape, dtype, memory_format, seed)
+
+
+@pytest.mark.parametrize("dtype,backward", [(torch.float32, False), (torch.bfloat16, True)])
+def test_on_chip_launch_is_taken_where_the_input_fits(dtype, backward, monkeypatch):
+    """The launch-bound channels-last (32,64,56,56) (25.7 MB in fp32, under the ~30 MB of shared memory of an
+    H100's 132 SMs): with BNX_CUDA_ON_CHIP=1 the training forward (and in bf16 the batch backward too) runs
+    on_chip_sums_map_kernel, as the profiler sees, and no separate sums kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv("BNX_CUDA_ON_CHIP", "1")
+    x = torch.randn(32, 64, 56, 56, device=DEV, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(64, device=DEV) + 0.5, torch.randn(64, device=DEV)
+    gy = torch.randn_like(x)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        y, mean, invstd = ops.batch_norm_train_forward(x, w, b, None, None, None, 0.1, 1e-5)
+        if backward:
+            ops.batch_norm_backward(gy, x, mean, invstd, w, "batch", [True, True, True])
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    on_chip = sum("on_chip_sums_map_kernel" in n for n in names)
+    assert on_chip == (2 if backward else 1), names
+    assert not any("channel_sums_kernel" in n for n in names), names
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])

@@ -60,22 +60,26 @@ def emu():
     return _emulated_ops()
 
 
-CONFIGS = {  # name: (BNX_CUDA_PLANE_GROUPS, BNX_CUDA_L2_GROUPS, BNX_CUDA_L2_GROUPS_BARRIERS)
-    "default": ("1", "0", ""),
-    "plane_groups_off": ("0", "0", ""),
-    "l2_groups": ("1", "1", ""),
-    "l2_groups_two_barriers": ("1", "1", "2"),
-    "l2_groups_no_barrier": ("1", "1", "0"),
-    "l2_groups_plane_groups_off": ("0", "1", ""),
+CONFIGS = {  # name: (BNX_CUDA_PLANE_GROUPS, BNX_CUDA_L2_GROUPS, BNX_CUDA_L2_GROUPS_BARRIERS, BNX_CUDA_ON_CHIP)
+    "default": ("1", "0", "", ""),
+    "plane_groups_off": ("0", "0", "", ""),
+    "l2_groups": ("1", "1", "", ""),
+    "l2_groups_two_barriers": ("1", "1", "2", ""),
+    "l2_groups_no_barrier": ("1", "1", "0", ""),
+    "l2_groups_plane_groups_off": ("0", "1", "", ""),
+    "on_chip": ("1", "0", "", "1"),
 }
 
 
 @pytest.fixture
 def config(monkeypatch, request):
-    plane, l2, barriers = CONFIGS[request.param]
+    plane, l2, barriers, on_chip = CONFIGS[request.param]
     monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", plane)
     monkeypatch.setenv("BNX_CUDA_L2_GROUPS", l2)
     monkeypatch.setenv("BNX_CUDA_L2_GROUPS_BARRIERS", barriers)
+    monkeypatch.setenv("BNX_CUDA_ON_CHIP", on_chip)
+    if on_chip:
+        monkeypatch.setenv("BNX_EMULATED_SMEM_BYTES", str(4 << 20))  # room for every test tensor
     return request.param
 
 
@@ -430,6 +434,74 @@ def test_emulated_ops_over_split_counts(emu, monkeypatch, sms, dtype, l2_groups)
             plan = emu.plan(_tensor(shape, dtype, layout), "grouped" if l2_groups != "0" else "sums")
             assert plan[3] > 1, shape
         _assert_matches_cpu_ops(emu, _inputs(shape, dtype, layout), dtype, f"{shape} {layout} ")
+
+
+# The on-chip launch (BNX_CUDA_ON_CHIP=1). Channels-last (64,32,16,16) fp32: one tile column of 8 lanes x 32
+# thread-rows; the emulation holds 2 CTAs per SM, so 16 CTAs on 8 SMs take 1024 rows each (32 vectors a
+# thread: 128 KiB of x, 256 KiB of x and dy), 8 on 8 SMs where only one CTA's share of an SM fits.
+# smem per SM (KiB), kind, expected (splits, fits, slots, smem_bytes)
+ON_CHIP_PLANS = [
+    (1024, "on_chip", (16, 1, 32, 128 << 10)),
+    (1024, "on_chip_backward", (16, 1, 32, 256 << 10)),
+    (256, "on_chip", (16, 1, 32, 128 << 10)),           # two shares of 128 KiB: just fits
+    (256, "on_chip_backward", None),                      # 256 KiB in 128 KiB shares, 512 KiB for one CTA: no
+    (200, "on_chip", None),                               # 100 KiB shares, or 256 KiB for one CTA: no
+]
+
+
+@pytest.mark.parametrize("smem_kib,kind,expected", ON_CHIP_PLANS)
+def test_on_chip_plan_fits_the_input_in_shared_memory(emu, monkeypatch, smem_kib, kind, expected):
+    monkeypatch.setenv("BNX_EMULATED_SMS", "8")
+    monkeypatch.setenv("BNX_EMULATED_SMEM_BYTES", str(smem_kib * 1024))
+    plan = emu.plan(_tensor((64, 32, 16, 16), torch.float32, "cl"), kind)
+    assert tuple(plan[:2]) == (KROWS, 4) and tuple(plan[4:6]) == (8, 32)
+    if expected is None:
+        assert plan[7] == 0
+    else:
+        assert (plan[3], plan[7], plan[8], plan[9]) == expected
+        assert plan[3] * plan[6] >= 64 * 16 * 16 and plan[8] * 32 >= plan[6]  # every row in a tile and a slot
+
+
+@pytest.mark.parametrize("sms", ["1", "8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape,layout", [((64, 32, 16, 16), "cl"), ((40, 8, 7, 7), "nchw"), ((16, 6, 10, 10), "nchw"),
+                                          ((1, 2, 256, 256), "nchw"), ((300, 24), "nchw")],
+                         ids=["rows", "plane_groups", "planes", "segments", "2d"])
+def test_emulated_on_chip_launch_matches_cpu_ops(emu, monkeypatch, sms, dtype, shape, layout):
+    """With BNX_CUDA_ON_CHIP=1 and room in shared memory, the training forward and the batch backward with
+    grad_input take the on-chip launch (one cooperative launch each, counted) in every walk, with one split
+    per tile column or many (the channels then finished across the grid between the barriers); every op's
+    results are the CPU ops'. The emulation fills shared memory with NaN at launch and fails a thread that
+    walks past its cache slots, so a map reading a vector the sums did not store shows."""
+    monkeypatch.setenv("BNX_EMULATED_SMS", sms)
+    monkeypatch.setenv("BNX_EMULATED_SMEM_BYTES", str(8 << 20))
+    monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", "1")
+    monkeypatch.setenv("BNX_CUDA_L2_GROUPS", "0")
+    monkeypatch.setenv("BNX_CUDA_ON_CHIP", "1")
+    x = _tensor(shape, dtype, layout)
+    fwd, bwd = emu.plan(x, "on_chip"), emu.plan(x, "on_chip_backward")
+    # a CTA for every tile column, 2 CTAs per emulated SM: with fewer, the two launches
+    fits = emu.plan(x, "sums")[2] <= 2 * int(sms)
+    assert fwd[7] == bwd[7] == int(fits)
+    if sms == "8":
+        assert fwd[3] > 1  # several splits: the channels are finished from partial sums
+    before = emu.emulated_cooperative_launches()
+    _assert_matches_cpu_ops(emu, _inputs(shape, dtype, layout), dtype, f"{shape} {layout} ")
+    # _run_all makes one training forward and two batch backwards with grad_input
+    assert emu.emulated_cooperative_launches() - before == (3 if fits else 0)
+
+
+def test_emulated_on_chip_launch_falls_back_where_the_input_does_not_fit(emu, monkeypatch):
+    """Shared memory too small for the input: the two launches instead (no cooperative launch), same results."""
+    monkeypatch.setenv("BNX_EMULATED_SMS", "8")
+    monkeypatch.setenv("BNX_EMULATED_SMEM_BYTES", str(200 * 1024))
+    monkeypatch.setenv("BNX_CUDA_L2_GROUPS", "0")
+    monkeypatch.setenv("BNX_CUDA_ON_CHIP", "1")
+    shape = (64, 32, 16, 16)
+    assert emu.plan(_tensor(shape, torch.float32, "cl"), "on_chip")[7] == 0
+    before = emu.emulated_cooperative_launches()
+    _assert_matches_cpu_ops(emu, _inputs(shape, torch.float32, "cl"), torch.float32)
+    assert emu.emulated_cooperative_launches() == before
 
 
 # shape, dtype, emulated SMs, plan kind, expected (walk, segs, splits, rows_per_split)

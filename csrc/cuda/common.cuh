@@ -59,20 +59,36 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, const Args&
 #endif
 }
 
-// A cooperative launch (all CTAs resident at once, so that grid_sync() may be called) on the current stream.
+// A cooperative launch (all CTAs resident at once, so that grid_sync() may be called) on the current stream,
+// each CTA with smem_bytes of dynamic shared memory (dynamic_smem()).
 template <typename... Params, typename... Args>
-void launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, const Args&... args) {
+void launch_cooperative_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, const Args&... args) {
 #ifdef BNX_CUDA_EMULATION
-  emulation::launch_cooperative(grid, block, [&] { kernel(args...); });
+  emulation::launch_cooperative(grid, block, [&] { kernel(args...); }, smem_bytes);
 #else
   std::tuple<std::decay_t<Params>...> params(args...);
   std::apply(
       [&](auto&... p) {
         void* ptrs[] = {static_cast<void*>(&p)...};
-        C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block, ptrs, 0,
-                                                   at::cuda::getCurrentCUDAStream()));
+        C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block, ptrs,
+                                                   smem_bytes, at::cuda::getCurrentCUDAStream()));
       },
       params);
+#endif
+}
+
+template <typename... Params, typename... Args>
+void launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, const Args&... args) {
+  launch_cooperative_smem(kernel, grid, block, 0, args...);
+}
+
+// The CTA's dynamic shared memory (16-byte aligned).
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+#ifdef BNX_CUDA_EMULATION
+  return emulation::dynamic_smem();
+#else
+  extern __shared__ __align__(16) unsigned char bnx_dynamic_smem[];
+  return bnx_dynamic_smem;
 #endif
 }
 
@@ -1157,14 +1173,270 @@ bool launch_grouped(const Plan& sums, const Layout& L, int64_t element_bytes, in
   return launch_grouped_kernel<acc_t, V, W, kTwoBarriers>(sums, L, element_bytes, inputs, sop, fin, mop, like, false);
 }
 
+// The on-chip launch (BNX_CUDA_ON_CHIP=1, opt-in, not yet measured on a GPU): where the whole input fits in
+// the shared memory of the CTAs that can be resident at once, one cooperative launch reads it from DRAM once.
+// Every CTA takes one tile: it copies the tile's input vectors into its shared memory (fill_cache: all of
+// them in flight at once), sums them from there (sum_tile over Cached); a grid barrier; the channels are
+// finished across the grid (one warp per channel, as the finalize kernel does); another barrier; then each
+// CTA maps its tile from the copy (Cached again) and writes the output. So a training forward moves 2 tensor
+// transfers instead of 3 and a batch backward 3 instead of 5, in one launch instead of three: what cuDNN's
+// persistent kernels do on small channels-last inputs, where bnx's launch-bound (32,64,56,56) fp32 passes
+// trail them. An H100 has 228 KB of shared memory per SM, about 30 MB in all.
+// A thread's k-th vector of input j sits at slot (j * slots + k) * threads + tid, so that a warp's accesses
+// to one slot are contiguous; every pass walks the tile with the same for_each_batch, so the k-th vector is
+// the same one in each.
+template <typename Op, typename = void>
+struct OnChipInputs {
+  static constexpr int value = 0;  // an op without input(j) / *_loaded cannot be cached
+};
+template <typename Op>
+struct OnChipInputs<Op, std::void_t<decltype(Op::kInputs)>> {
+  static constexpr int value = Op::kInputs;
+};
+
+// Copies one vector from global to shared memory. 16-byte vectors on sm_80 and up go by cp.async, which
+// takes no registers and does not wait: a thread issues its whole tile before the first arrives, so an SM
+// has all of its CTAs' tiles in flight at once (a CTA per SM holds ~200 KB). wait_for_smem_copies() waits
+// for them (and makes them visible to the issuing thread, the only one that reads them).
+template <typename VecT>
+__device__ __forceinline__ void copy_to_smem(VecT* dst, const VecT* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (sizeof(VecT) == 16) {
+    const unsigned smem = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(src) : "memory");
+    return;
+  }
+#endif
+  *dst = *src;
+}
+
+__device__ __forceinline__ void wait_for_smem_copies() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// Copies the vectors a thread walks in tile t (for_each_batch, as the ops see them) of each of op's inputs
+// into its cache slots, in walk order; returns how many (per input).
+template <int V, int W, typename Op>
+__device__ __forceinline__ int64_t fill_cache(const Plan& p, Tile t, const Op& op, unsigned char* cache, int64_t slots,
+                                              int threads, int tid) {
+  using VecT = Vec<typename Op::scalar_type, V>;
+  constexpr int B = batch_depth<typename Op::scalar_type, V>();
+  VecT* c = reinterpret_cast<VecT*>(cache);
+  int64_t next = 0;
+  for_each_batch<V, B, W>(p, t, [&](const int64_t* off, int n) {
+#ifdef BNX_CUDA_EMULATION
+    if (next + n > slots) emulation::Block::current()->report("cuda emulation: on-chip cache slots overrun");
+    for (int j = 0; j < Op::kInputs; ++j)
+      for (int u = 0; u < n; ++u) emulation::check_aligned(op.input(j) + off[u], sizeof(VecT));
+#endif
+#pragma unroll
+    for (int j = 0; j < Op::kInputs; ++j)
+#pragma unroll
+      for (int u = 0; u < B; ++u)
+        if (u < n)
+          copy_to_smem(c + (j * slots + next + u) * threads + tid, reinterpret_cast<const VecT*>(op.input(j) + off[u]));
+    next += n;
+  });
+  wait_for_smem_copies();
+  return next;
+}
+
+// The op, its inputs read from the cache slots (in walk order) instead of global memory: a sums op
+// (accumulate) or a map op (apply, which writes the output to global memory as usual).
+template <typename Op>
+struct Cached {
+  using scalar_type = typename Op::scalar_type;
+  Op op;
+  const unsigned char* cache;
+  int64_t slots;
+  int threads, tid;
+  mutable int64_t next = 0;
+
+  template <int V>
+  __device__ __forceinline__ auto coef(const Lanes<V>& lanes) const {
+    return op.template coef<V>(lanes);
+  }
+
+  template <int V, int B>
+  __device__ __forceinline__ void read(int n, Vec<scalar_type, V> (&in)[Op::kInputs][B]) const {
+    using VecT = Vec<scalar_type, V>;
+#ifdef BNX_CUDA_EMULATION
+    if (next + n > slots) emulation::Block::current()->report("cuda emulation: on-chip cache slots overrun");
+#endif
+    const VecT* c = reinterpret_cast<const VecT*>(cache);
+#pragma unroll
+    for (int j = 0; j < Op::kInputs; ++j)
+#pragma unroll
+      for (int u = 0; u < B; ++u)
+        if (u < n) in[j][u] = c[(j * slots + next + u) * threads + tid];
+    next += n;
+  }
+
+  template <int V, int B, typename K, typename acc_t>
+  __device__ __forceinline__ void accumulate(const int64_t* off, int n, const K& k, acc_t* s1, acc_t* s2) const {
+    Vec<scalar_type, V> in[Op::kInputs][B];
+    read<V, B>(n, in);
+    op.template accumulate_loaded<V, B>(off, in, n, k, s1, s2);
+  }
+
+  template <int V, int B, typename K>
+  __device__ __forceinline__ void apply(const int64_t* off, int n, const K& k) const {
+    Vec<scalar_type, V> in[Op::kInputs][B];
+    read<V, B>(n, in);
+    op.template apply_loaded<V, B>(off, in, n, k);
+  }
+};
+
+template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
+__global__ void __launch_bounds__(kThreads) on_chip_sums_map_kernel(Plan p, SumOp sop, Fin fin, MapOp mop,
+                                                                    acc_t* __restrict__ partial, int64_t slots) {
+  __shared__ acc_t local_a[kMaxTileChannels], local_b[kMaxTileChannels];
+  const int threads = blockDim.x * blockDim.y;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
+  const int warps = threads / 32;  // whole warps: a plane-groups CTA may end in a partial one
+  unsigned char* cache = dynamic_smem();
+  const Tile t{static_cast<int64_t>(blockIdx.x) % p.grid_x, static_cast<int64_t>(blockIdx.x) / p.grid_x};
+  fill_cache<V, W>(p, t, sop, cache, slots, threads, tid);
+  sum_tile<acc_t, V, W>(p, t, Cached<SumOp>{sop, cache, slots, threads, tid}, fin, partial);
+  __threadfence();  // the partial sums (or, with one split, fin's writes) before the barrier
+  grid_sync();
+  if (p.splits > 1) {
+    if (warp < warps) {
+      for (int64_t c = static_cast<int64_t>(blockIdx.x) * warps + warp; c < p.C; c += static_cast<int64_t>(gridDim.x) * warps)
+        finalize_channel</*kCoherent=*/true>(partial, p.splits, p.C, c, lane, fin);
+    }
+    __threadfence();
+    grid_sync();
+  }
+  int64_t c0, c1;
+  tile_channels(p, t.x, t.x + 1, c0, c1);
+  acc_t* a = local_a - c0;
+  acc_t* b = local_b - c0;
+  for (int64_t c = c0 + tid; c < c1; c += threads) finalized(fin, c, a[c], b[c]);
+  __syncthreads();
+  const auto local = local_map(mop, a, b);
+  map_tile<acc_t, V, W>(p, t, Cached<decltype(local)>{local, cache, slots, threads, tid});
+}
+
+// Shared memory: what an SM has for its CTAs, what one CTA may take (opt-in), and what the system reserves
+// per CTA.
+inline int64_t smem_per_sm() {
+#ifdef BNX_CUDA_EMULATION
+  return emulation::smem_per_sm();
+#else
+  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor);
+#endif
+}
+inline int64_t smem_per_cta_max() {
+#ifdef BNX_CUDA_EMULATION
+  return emulation::smem_per_sm();
+#else
+  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+#endif
+}
+inline int64_t smem_reserved_per_cta() {
+#ifdef BNX_CUDA_EMULATION
+  return 0;
+#else
+  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->reservedSharedMemPerBlock);
+#endif
+}
+
+// The most vectors one thread of plan p walks in a tile (for_each_batch): a vector position of every
+// thread-row's rows (rows, plane groups), or of every block-row of every row (planes, segments).
+inline int64_t vectors_per_thread(const Plan& p) {
+  const int64_t rows = ceil_div(p.rows_per_split, p.ty);
+  return p.walk == kRows || p.walk == kPlaneGroups ? rows : rows * ceil_div(p.seg_vecs, p.tx);
+}
+
+// The on-chip launch's plan for the sums plan `sums` (its columns, rows re-split so that every tile has a CTA
+// resident at once, ctas_per_sm of them per SM): whether the input fits, and the cache slots and shared-memory
+// bytes each CTA needs. bytes_per_vector: one vector of every cached input.
+struct OnChipPlan {
+  Plan p;
+  int64_t slots = 0, smem_bytes = 0;
+  bool fits = false;
+};
+inline OnChipPlan on_chip_plan(const Plan& sums, int ctas_per_sm, int64_t bytes_per_vector, int64_t static_smem) {
+  OnChipPlan o;
+  o.p = sums;
+  o.p.reverse = false;
+  const int64_t ctas = static_cast<int64_t>(ctas_per_sm) * num_sms();
+  if (sums.grid_x > ctas) return o;
+  split_rows(o.p, ctas / sums.grid_x, 1);
+  o.slots = vectors_per_thread(o.p);
+  o.smem_bytes = o.slots * o.p.tx * o.p.ty * bytes_per_vector;
+  const int64_t budget = std::min(smem_per_cta_max(), smem_per_sm() / ctas_per_sm - smem_reserved_per_cta()) - static_smem;
+  o.fits = o.p.grid_x * o.p.splits <= ctas && o.smem_bytes <= budget;
+  return o;
+}
+
+// The on-chip plan with the most CTAs per SM (more loads in flight) whose shares of an SM's shared memory hold
+// the input and which `resident(plan)` (CTAs of the kernel an SM holds with that plan's shared memory: its
+// registers may allow fewer) can hold; `fits` is false where none can.
+template <typename Resident>
+OnChipPlan choose_on_chip_plan(const Plan& sums, int64_t bytes_per_vector, int64_t static_smem, Resident&& resident) {
+  for (int per_sm = 4; per_sm >= 1; --per_sm) {
+    const OnChipPlan o = on_chip_plan(sums, per_sm, bytes_per_vector, static_smem);
+    if (o.fits && resident(o) >= per_sm) return o;
+  }
+  return OnChipPlan{};
+}
+
+// Runs the sums pass (sop, fin) and the map pass (mop) as the on-chip launch. Launches nothing and returns
+// false where the input does not fit (or the ops cannot be cached: mop must read the tensors sop reads).
+template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
+bool launch_on_chip(const Plan& sums, const SumOp& sop, const Fin& fin, const MapOp& mop, const at::Tensor& like) {
+  constexpr int kInputs = OnChipInputs<SumOp>::value;
+  if constexpr (kInputs == 0 || OnChipInputs<MapOp>::value != kInputs) {
+    return false;
+  } else {
+    for (int j = 0; j < kInputs; ++j)
+      if (sop.input(j) != mop.input(j)) return false;
+    auto kernel = &on_chip_sums_map_kernel<acc_t, V, W, SumOp, Fin, MapOp>;
+    const int64_t bytes_per_vector = kInputs * static_cast<int64_t>(sizeof(Vec<typename SumOp::scalar_type, V>));
+    int64_t static_smem = 0;
+#ifndef BNX_CUDA_EMULATION
+    cudaFuncAttributes attributes;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    static_smem = static_cast<int64_t>(attributes.sharedSizeBytes);
+    // Allow the most a CTA may take (the same value every call, so concurrent calls cannot undo each other);
+    // the occupancy query and the launch then use what a plan needs.
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem_per_cta_max() - static_smem)));
+#endif
+    const OnChipPlan o = choose_on_chip_plan(sums, bytes_per_vector, static_smem, [&](const OnChipPlan& candidate) {
+      int resident = 0;
+#ifdef BNX_CUDA_EMULATION
+      (void)candidate;
+      resident = emulation::blocks_per_sm();
+#else
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, candidate.p.tx * candidate.p.ty,
+                                                                   static_cast<size_t>(candidate.smem_bytes)));
+#endif
+      return resident;
+    });
+    if (!o.fits) return false;
+    const at::Tensor workspace = partial_workspace<acc_t>(o.p, like);
+    acc_t* partial = o.p.splits > 1 ? workspace.mutable_data_ptr<acc_t>() : nullptr;
+    launch_cooperative_smem(kernel, dim3(static_cast<unsigned>(o.p.grid_x * o.p.splits)), o.p.block(),
+                            static_cast<size_t>(o.smem_bytes), o.p, sop, fin, mop, partial, o.slots);
+    return true;
+  }
+}
+
 // A sums pass (sop, fin) and the map pass (mop) that needs its results, over the tiles of the sums plan `ps`:
-// one grouped launch with BNX_CUDA_L2_GROUPS=1 (where the kernel can be resident), or with
+// the on-chip launch with BNX_CUDA_ON_CHIP=1 where the input fits; one grouped launch with BNX_CUDA_L2_GROUPS=1 (where the kernel can be resident), or with
 // BNX_CUDA_L2_GROUPS=auto its barrier-free form where grouped_reuses_l2; else the two passes (and the
 // finalize step) as separate launches, the map walking in reverse so that it starts where the sums ended,
 // still in L2.
 template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
 void launch_sums_then_map(const Plan& ps, const Layout& L, Access a, int64_t element_bytes, int64_t inputs,
                           const SumOp& sop, const Fin& fin, const MapOp& mop, const at::Tensor& like) {
+  if (env_is("BNX_CUDA_ON_CHIP", "1") && launch_on_chip<acc_t, V, W>(ps, sop, fin, mop, like)) return;
   const bool auto_groups = env_is("BNX_CUDA_L2_GROUPS", "auto");
   if ((auto_groups || env_is("BNX_CUDA_L2_GROUPS", "1")) &&
       launch_grouped<acc_t, V, W>(ps, L, element_bytes, inputs, sop, fin, mop, like, /*only_if_reuse=*/auto_groups))

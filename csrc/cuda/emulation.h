@@ -83,6 +83,22 @@ inline int blocks_per_sm() { return env_int("BNX_EMULATED_BLOCKS_PER_SM", 2); }
 // The L2 size the plans see (BNX_EMULATED_L2_BYTES, default 64 KiB: test tensors span several groups).
 inline int64_t l2_bytes() { return env_int("BNX_EMULATED_L2_BYTES", 64 * 1024); }
 
+// Shared memory per SM that launch plans see (BNX_EMULATED_SMEM_BYTES, default 64 KiB); one block may take all
+// of it.
+inline int64_t smem_per_sm() { return env_int("BNX_EMULATED_SMEM_BYTES", 64 * 1024); }
+
+// The running block's dynamic shared memory: the blocks of a cooperative launch each have an OS thread, so one
+// buffer per thread. Filled with 0xff bytes at launch (NaN in every float type), so that a read of a slot that
+// was never written shows in the results.
+struct alignas(16) SmemChunk {
+  unsigned char bytes[16];
+};
+inline std::vector<SmemChunk>& dynamic_smem_buffer() {
+  static thread_local std::vector<SmemChunk> buffer;
+  return buffer;
+}
+inline unsigned char* dynamic_smem() { return reinterpret_cast<unsigned char*>(dynamic_smem_buffer().data()); }
+
 // The barrier of a cooperative launch, across OS threads; a block that returns stops counting.
 class GridBarrier {
  public:
@@ -363,8 +379,8 @@ inline std::atomic<int64_t>& cooperative_launches() {
 }
 
 // A cooperative launch: every block at once, each on its own OS thread, so that grid_sync() can wait for
-// all of them.
-inline void launch_cooperative(dim3 grid, dim3 block, const std::function<void()>& body) {
+// all of them; each block gets smem_bytes of dynamic shared memory.
+inline void launch_cooperative(dim3 grid, dim3 block, const std::function<void()>& body, size_t smem_bytes = 0) {
   const unsigned blocks = grid.x * grid.y * grid.z;
   if (blocks == 0) return;
   ++cooperative_launches();
@@ -377,6 +393,9 @@ inline void launch_cooperative(dim3 grid, dim3 block, const std::function<void()
       gridDim = grid;
       blockDim = block;
       blockIdx = dim3(b % grid.x, (b / grid.x) % grid.y, b / (grid.x * grid.y));
+      SmemChunk unwritten;
+      std::memset(unwritten.bytes, 0xff, sizeof(unwritten.bytes));
+      dynamic_smem_buffer().assign((smem_bytes + sizeof(SmemChunk) - 1) / sizeof(SmemChunk), unwritten);
       try {
         Block blk(block, body, &barrier);
         blk.run();

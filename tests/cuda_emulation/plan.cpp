@@ -12,16 +12,26 @@ namespace {
 // use for `input` (pointers: input alone); "sums_segments" and "map_segments" append [segs, seg_vecs] (NCHW
 // planes cut into segments); "grouped" (the L2-grouped launch of a training forward: x alone)
 // and "grouped_backward" (of a batch backward: x and dy) append [tiles_per_group, groups, ctas, reuses_l2]
-// (reuses_l2: whether BNX_CUDA_L2_GROUPS=auto takes the grouped launch).
+// (reuses_l2: whether BNX_CUDA_L2_GROUPS=auto takes the grouped launch); "on_chip" (the on-chip launch of a
+// training forward) and "on_chip_backward" (of a batch backward) give its plan and append [fits, slots,
+// smem_bytes].
 std::vector<int64_t> plan_of(const at::Tensor& input, c10::string_view kind) {
   const Layout L = layout_of(input);
   const Access a = choose_access(L, input.element_size(), {input.const_data_ptr()});
   const bool grouped = kind == "grouped" || kind == "grouped_backward";
   const bool segments = kind == "sums_segments" || kind == "map_segments";
-  TORCH_CHECK(kind == "sums" || kind == "map" || grouped || segments,
-              "plan: kind must be 'sums', 'map', 'sums_segments', 'map_segments', 'grouped' or 'grouped_backward', "
-              "got '", kind, "'");
+  const bool on_chip = kind == "on_chip" || kind == "on_chip_backward";
+  TORCH_CHECK(kind == "sums" || kind == "map" || grouped || segments || on_chip,
+              "plan: kind must be 'sums', 'map', 'sums_segments', 'map_segments', 'grouped', 'grouped_backward', "
+              "'on_chip' or 'on_chip_backward', got '", kind, "'");
   Plan p = kind == "map" || kind == "map_segments" ? map_plan(L, a) : sums_plan(L, a);
+  if (on_chip) {
+    const int64_t inputs = kind == "on_chip" ? 1 : 2;
+    const OnChipPlan o = choose_on_chip_plan(p, inputs * p.V * input.element_size(), 0,
+                                             [](const OnChipPlan&) { return emulation::blocks_per_sm(); });
+    const Plan& q = o.fits ? o.p : p;
+    return {q.walk, q.V, q.grid_x, q.splits, q.tx, q.ty, q.rows_per_split, o.fits ? 1 : 0, o.slots, o.smem_bytes};
+  }
   Groups groups;
   int64_t ctas = 0;
   const int64_t inputs = kind == "grouped" ? 1 : 2;
