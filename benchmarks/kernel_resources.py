@@ -7,8 +7,10 @@ Compiles each .cu file (all of csrc/cuda/*.cu by default) for one architecture w
 build's flags, then tabulates what ptxas reports for every kernel instantiation: registers per thread, stack
 and spill bytes, static shared memory, and how many CTAs of kThreads threads can be resident on one SM, the
 least of the register file, the thread slots and shared memory allow. A cooperative launch (the L2-grouped
-launch) gets exactly that many CTAs per SM, so its registers set how many loads it can keep in flight.
-A few minutes per file on two cores.
+launch) gets exactly that many CTAs per SM, so its registers set how many loads it can keep in flight. (The
+on-chip launch's CTAs also take dynamic shared memory, sized per input at run time, which ptxas does not
+see: its column counts registers and static shared memory only.)
+A few minutes per file on two cores; --save-logs keeps ptxas's output for --log.
 """
 import argparse
 import glob
@@ -107,6 +109,9 @@ WALKS = {"0": "planes", "1": "rows", "2": "plane groups", "3": "plane segments"}
 SYNCS = {"0": "two barriers", "1": "one barrier", "2": "no barrier"}
 
 
+# Kernels whose template arguments are <acc_t, V, walk, [sync,] op, ...>.
+KERNELS_WITH_OPS = ("channel_sums_kernel", "channel_map_kernel", "grouped_sums_map_kernel", "on_chip_sums_map_kernel")
+
 DTYPES = {"float": "fp32", "c10::BFloat16": "bf16", "c10::Half": "fp16", "double": "fp64"}
 
 
@@ -119,7 +124,7 @@ def describe(demangled):
     kernel = kernel.split("::")[-1]
     args = _template_args(base)
     variant, op, dtype, width = [], "", "", 0
-    if kernel in ("channel_sums_kernel", "channel_map_kernel", "grouped_sums_map_kernel") and len(args) >= 4:
+    if kernel in KERNELS_WITH_OPS and len(args) >= 4:
         variant.append(WALKS.get(args[2], "walk " + args[2]))
         width = int(args[1]) if args[1].isdigit() else 0
         op_arg = args[3]
@@ -226,6 +231,7 @@ def main(argv=None):
                     help="a macro for the compile, e.g. BNX_CUDA_GROUPED_MIN_CTAS=2")
     ap.add_argument("--log", action="append", default=[], help="tabulate this ptxas -v log instead of compiling")
     ap.add_argument("--md", help="also write the table here")
+    ap.add_argument("--save-logs", metavar="DIR", help="keep each file's ptxas -v output in DIR (for --log)")
     args = ap.parse_args(argv)
     entries, sources = [], []
     if args.log:
@@ -237,7 +243,13 @@ def main(argv=None):
         files = args.files or sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
         for path in files:
             print(f"kernel_resources: compiling {os.path.relpath(path, ROOT)} for sm_{args.arch}", file=sys.stderr)
-            entries += parse_ptxas(run_ptxas(path, args.arch, args.defines))
+            text = run_ptxas(path, args.arch, args.defines)
+            if args.save_logs:
+                os.makedirs(args.save_logs, exist_ok=True)
+                name = os.path.splitext(os.path.basename(path))[0]
+                with open(os.path.join(args.save_logs, f"ptxas-sm{args.arch}-{name}.log"), "w") as f:
+                    f.write(text)
+            entries += parse_ptxas(text)
             sources.append(os.path.relpath(path, ROOT))
     entries = [e for e in entries if e["arch"] == args.arch]
     if not entries:
