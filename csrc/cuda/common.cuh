@@ -1323,25 +1323,17 @@ __global__ void __launch_bounds__(kThreads) on_chip_sums_map_kernel(Plan p, SumO
 
 // Shared memory: what an SM has for its CTAs, what one CTA may take (opt-in), and what the system reserves
 // per CTA.
-inline int64_t smem_per_sm() {
+struct SmemLimits {
+  int64_t per_sm, per_cta_max, reserved_per_cta;
+};
+inline SmemLimits smem_limits() {
 #ifdef BNX_CUDA_EMULATION
-  return emulation::smem_per_sm();
+  const int64_t s = emulation::smem_per_sm();
+  return {s, s, 0};
 #else
-  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor);
-#endif
-}
-inline int64_t smem_per_cta_max() {
-#ifdef BNX_CUDA_EMULATION
-  return emulation::smem_per_sm();
-#else
-  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-#endif
-}
-inline int64_t smem_reserved_per_cta() {
-#ifdef BNX_CUDA_EMULATION
-  return 0;
-#else
-  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->reservedSharedMemPerBlock);
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  return {static_cast<int64_t>(prop->sharedMemPerMultiprocessor), static_cast<int64_t>(prop->sharedMemPerBlockOptin),
+          static_cast<int64_t>(prop->reservedSharedMemPerBlock)};
 #endif
 }
 
@@ -1369,7 +1361,8 @@ inline OnChipPlan on_chip_plan(const Plan& sums, int ctas_per_sm, int64_t bytes_
   split_rows(o.p, ctas / sums.grid_x, 1);
   o.slots = vectors_per_thread(o.p);
   o.smem_bytes = o.slots * o.p.tx * o.p.ty * bytes_per_vector;
-  const int64_t budget = std::min(smem_per_cta_max(), smem_per_sm() / ctas_per_sm - smem_reserved_per_cta()) - static_smem;
+  const SmemLimits smem = smem_limits();
+  const int64_t budget = std::min(smem.per_cta_max, smem.per_sm / ctas_per_sm - smem.reserved_per_cta) - static_smem;
   o.fits = o.p.grid_x * o.p.splits <= ctas && o.smem_bytes <= budget;
   return o;
 }
@@ -1406,7 +1399,7 @@ bool launch_on_chip(const Plan& sums, const SumOp& sop, const Fin& fin, const Ma
     // Allow the most a CTA may take (the same value every call, so concurrent calls cannot undo each other);
     // the occupancy query and the launch then use what a plan needs.
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem_per_cta_max() - static_smem)));
+                                        static_cast<int>(smem_limits().per_cta_max - static_smem)));
 #endif
     const OnChipPlan o = choose_on_chip_plan(sums, bytes_per_vector, static_smem, [&](const OnChipPlan& candidate) {
       int resident = 0;
