@@ -1185,29 +1185,21 @@ bool launch_grouped(const Plan& sums, const Layout& L, int64_t element_bytes, in
 // A thread's k-th vector of input j sits at slot (j * slots + k) * threads + tid, so that a warp's accesses
 // to one slot are contiguous; every pass walks the tile with the same for_each_batch, so the k-th vector is
 // the same one in each.
-template <typename Op, typename = void>
-struct OnChipInputs {
-  static constexpr int value = 0;  // an op without input(j) / *_loaded cannot be cached
-};
-template <typename Op>
-struct OnChipInputs<Op, std::void_t<decltype(Op::kInputs)>> {
-  static constexpr int value = Op::kInputs;
-};
-
-// Copies one vector from global to shared memory. 16-byte vectors on sm_80 and up go by cp.async, which
-// takes no registers and does not wait: a thread issues its whole tile before the first arrives, so an SM
-// has all of its CTAs' tiles in flight at once (a CTA per SM holds ~200 KB). wait_for_smem_copies() waits
-// for them (and makes them visible to the issuing thread, the only one that reads them).
-template <typename VecT>
-__device__ __forceinline__ void copy_to_smem(VecT* dst, const VecT* src) {
+// Copies the vector at p + offset from global to shared memory. 16-byte vectors on sm_80 and up go by
+// cp.async, which takes no registers and does not wait: a thread issues its whole tile before the first
+// arrives, so an SM has all of its CTAs' tiles in flight at once (a CTA per SM holds ~200 KB).
+// wait_for_smem_copies() waits for them (and makes them visible to the issuing thread, the only one that reads
+// them). Other widths load as load_vec does.
+template <int V, typename T>
+__device__ __forceinline__ void copy_to_smem(Vec<T, V>* dst, const T* __restrict__ p, int64_t offset) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (sizeof(VecT) == 16) {
+  if constexpr (sizeof(Vec<T, V>) == 16) {
     const unsigned smem = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(src) : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(p + offset) : "memory");
     return;
   }
 #endif
-  *dst = *src;
+  *dst = load_vec<V>(p, offset);
 }
 
 __device__ __forceinline__ void wait_for_smem_copies() {
@@ -1217,9 +1209,9 @@ __device__ __forceinline__ void wait_for_smem_copies() {
 }
 
 // Copies the vectors a thread walks in tile t (for_each_batch, as the ops see them) of each of op's inputs
-// into its cache slots, in walk order; returns how many (per input).
+// into its cache slots, in walk order.
 template <int V, int W, typename Op>
-__device__ __forceinline__ int64_t fill_cache(const Plan& p, Tile t, const Op& op, unsigned char* cache, int64_t slots,
+__device__ __forceinline__ void fill_cache(const Plan& p, Tile t, const Op& op, unsigned char* cache, int64_t slots,
                                               int threads, int tid) {
   using VecT = Vec<typename Op::scalar_type, V>;
   constexpr int B = batch_depth<typename Op::scalar_type, V>();
@@ -1228,19 +1220,15 @@ __device__ __forceinline__ int64_t fill_cache(const Plan& p, Tile t, const Op& o
   for_each_batch<V, B, W>(p, t, [&](const int64_t* off, int n) {
 #ifdef BNX_CUDA_EMULATION
     if (next + n > slots) emulation::Block::current()->report("cuda emulation: on-chip cache slots overrun");
-    for (int j = 0; j < Op::kInputs; ++j)
-      for (int u = 0; u < n; ++u) emulation::check_aligned(op.input(j) + off[u], sizeof(VecT));
 #endif
 #pragma unroll
     for (int j = 0; j < Op::kInputs; ++j)
 #pragma unroll
       for (int u = 0; u < B; ++u)
-        if (u < n)
-          copy_to_smem(c + (j * slots + next + u) * threads + tid, reinterpret_cast<const VecT*>(op.input(j) + off[u]));
+        if (u < n) copy_to_smem<V>(c + (j * slots + next + u) * threads + tid, op.input(j), off[u]);
     next += n;
   });
   wait_for_smem_copies();
-  return next;
 }
 
 // The op, its inputs read from the cache slots (in walk order) instead of global memory: a sums op
@@ -1305,7 +1293,8 @@ __global__ void __launch_bounds__(kThreads) on_chip_sums_map_kernel(Plan p, SumO
   grid_sync();
   if (p.splits > 1) {
     if (warp < warps) {
-      for (int64_t c = static_cast<int64_t>(blockIdx.x) * warps + warp; c < p.C; c += static_cast<int64_t>(gridDim.x) * warps)
+      const int64_t stride = static_cast<int64_t>(gridDim.x) * warps;
+      for (int64_t c = static_cast<int64_t>(blockIdx.x) * warps + warp; c < p.C; c += stride)
         finalize_channel</*kCoherent=*/true>(partial, p.splits, p.C, c, lane, fin);
     }
     __threadfence();
@@ -1380,52 +1369,49 @@ OnChipPlan choose_on_chip_plan(const Plan& sums, int64_t bytes_per_vector, int64
 }
 
 // Runs the sums pass (sop, fin) and the map pass (mop) as the on-chip launch. Launches nothing and returns
-// false where the input does not fit (or the ops cannot be cached: mop must read the tensors sop reads).
+// false where the input does not fit (or mop does not read the tensors sop reads, which the cache holds).
 template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
 bool launch_on_chip(const Plan& sums, const SumOp& sop, const Fin& fin, const MapOp& mop, const at::Tensor& like) {
-  constexpr int kInputs = OnChipInputs<SumOp>::value;
-  if constexpr (kInputs == 0 || OnChipInputs<MapOp>::value != kInputs) {
-    return false;
-  } else {
-    for (int j = 0; j < kInputs; ++j)
-      if (sop.input(j) != mop.input(j)) return false;
-    auto kernel = &on_chip_sums_map_kernel<acc_t, V, W, SumOp, Fin, MapOp>;
-    const int64_t bytes_per_vector = kInputs * static_cast<int64_t>(sizeof(Vec<typename SumOp::scalar_type, V>));
-    int64_t static_smem = 0;
+  constexpr int kInputs = SumOp::kInputs;
+  static_assert(MapOp::kInputs == kInputs, "the on-chip launch maps from the sums op's cached inputs");
+  for (int j = 0; j < kInputs; ++j)
+    if (sop.input(j) != mop.input(j)) return false;
+  auto kernel = &on_chip_sums_map_kernel<acc_t, V, W, SumOp, Fin, MapOp>;
+  const int64_t bytes_per_vector = kInputs * static_cast<int64_t>(sizeof(Vec<typename SumOp::scalar_type, V>));
+  int64_t static_smem = 0;
 #ifndef BNX_CUDA_EMULATION
-    cudaFuncAttributes attributes;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-    static_smem = static_cast<int64_t>(attributes.sharedSizeBytes);
-    // Allow the most a CTA may take (the same value every call, so concurrent calls cannot undo each other);
-    // the occupancy query and the launch then use what a plan needs.
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem_limits().per_cta_max - static_smem)));
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  static_smem = static_cast<int64_t>(attributes.sharedSizeBytes);
+  // Allow the most a CTA may take (the same value every call, so concurrent calls cannot undo each other);
+  // the occupancy query and the launch then use what a plan needs.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem_limits().per_cta_max - static_smem)));
 #endif
-    const OnChipPlan o = choose_on_chip_plan(sums, bytes_per_vector, static_smem, [&](const OnChipPlan& candidate) {
-      int resident = 0;
+  const OnChipPlan o = choose_on_chip_plan(sums, bytes_per_vector, static_smem, [&](const OnChipPlan& candidate) {
+    int resident = 0;
 #ifdef BNX_CUDA_EMULATION
-      (void)candidate;
-      resident = emulation::blocks_per_sm();
+    (void)candidate;
+    resident = emulation::blocks_per_sm();
 #else
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, candidate.p.tx * candidate.p.ty,
-                                                                   static_cast<size_t>(candidate.smem_bytes)));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, candidate.p.tx * candidate.p.ty,
+                                                                 static_cast<size_t>(candidate.smem_bytes)));
 #endif
-      return resident;
-    });
-    if (!o.fits) return false;
-    const at::Tensor workspace = partial_workspace<acc_t>(o.p, like);
-    acc_t* partial = o.p.splits > 1 ? workspace.mutable_data_ptr<acc_t>() : nullptr;
-    launch_cooperative_smem(kernel, dim3(static_cast<unsigned>(o.p.grid_x * o.p.splits)), o.p.block(),
-                            static_cast<size_t>(o.smem_bytes), o.p, sop, fin, mop, partial, o.slots);
-    return true;
-  }
+    return resident;
+  });
+  if (!o.fits) return false;
+  const at::Tensor workspace = partial_workspace<acc_t>(o.p, like);
+  acc_t* partial = o.p.splits > 1 ? workspace.mutable_data_ptr<acc_t>() : nullptr;
+  launch_cooperative_smem(kernel, dim3(static_cast<unsigned>(o.p.grid_x * o.p.splits)), o.p.block(),
+                          static_cast<size_t>(o.smem_bytes), o.p, sop, fin, mop, partial, o.slots);
+  return true;
 }
 
 // A sums pass (sop, fin) and the map pass (mop) that needs its results, over the tiles of the sums plan `ps`:
-// the on-chip launch with BNX_CUDA_ON_CHIP=1 where the input fits; one grouped launch with BNX_CUDA_L2_GROUPS=1 (where the kernel can be resident), or with
-// BNX_CUDA_L2_GROUPS=auto its barrier-free form where grouped_reuses_l2; else the two passes (and the
-// finalize step) as separate launches, the map walking in reverse so that it starts where the sums ended,
-// still in L2.
+// the on-chip launch with BNX_CUDA_ON_CHIP=1 where the input fits; one grouped launch with BNX_CUDA_L2_GROUPS=1
+// (where the kernel can be resident), or with BNX_CUDA_L2_GROUPS=auto its barrier-free form where
+// grouped_reuses_l2; else the two passes (and the finalize step) as separate launches, the map walking in
+// reverse so that it starts where the sums ended, still in L2.
 template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
 void launch_sums_then_map(const Plan& ps, const Layout& L, Access a, int64_t element_bytes, int64_t inputs,
                           const SumOp& sop, const Fin& fin, const MapOp& mop, const at::Tensor& like) {
