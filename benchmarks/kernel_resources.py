@@ -109,7 +109,7 @@ WALKS = {"0": "planes", "1": "rows", "2": "plane groups", "3": "plane segments"}
 SYNCS = {"0": "two barriers", "1": "one barrier", "2": "no barrier"}
 
 
-# Kernels whose template arguments are <acc_t, V, walk, [sync,] op, ...>.
+# Kernels whose template arguments are <acc_t, V, walk, [sync or kPartial,] op, ...>.
 KERNELS_WITH_OPS = ("channel_sums_kernel", "channel_map_kernel", "grouped_sums_map_kernel", "on_chip_sums_map_kernel")
 
 DTYPES = {"float": "fp32", "c10::BFloat16": "bf16", "c10::Half": "fp16", "double": "fp64"}
@@ -117,7 +117,8 @@ DTYPES = {"float": "fp32", "c10::BFloat16": "bf16", "c10::Half": "fp16", "double
 
 def describe(demangled):
     """(kernel, op, dtype, variant, width) for a demangled bnx kernel name: the sums or map op it runs (without
-    its template arguments), the input dtype, the walk and, for the grouped launch, its synchronization, and
+    its template arguments), the input dtype, the walk and, for the grouped launch, its synchronization (for the
+    on-chip launch, "partial" where it reads what does not fit from global memory), and
     the vector width V in elements (0 where the kernel has none)."""
     base = re.sub(r"^void\s+", "", demangled)
     kernel = base[: base.find("<")] if "<" in base else base[: base.find("(")]
@@ -130,6 +131,10 @@ def describe(demangled):
         op_arg = args[3]
         if kernel == "grouped_sums_map_kernel" and len(args) >= 5:
             variant.append(SYNCS.get(args[3], "sync " + args[3]))
+            op_arg = args[4]
+        elif kernel == "on_chip_sums_map_kernel" and len(args) >= 5 and args[3] in ("false", "true"):
+            if args[3] == "true":  # kPartial: an input that only partly fits in shared memory
+                variant.append("partial")
             op_arg = args[4]
         op = re.sub(r"<.*", "", op_arg).split("::")[-1]
         op_args = _template_args(op_arg)

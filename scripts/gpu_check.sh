@@ -105,10 +105,10 @@ run_groups() {
   # BNX_CUDA_PDL=D and BNX_CUDA_ON_CHIP=O (GROUPS_CONFIGS, default "10 110 1a 1001 10001": the defaults; the
   # L2-grouped launch without grid barriers (per-column counts, any layout) everywhere; the same only where it buys
   # L2 reuse (auto); the defaults with programmatic dependent launches (B is unused without L2 groups); the
-  # on-chip launch wherever the input fits in shared memory (the launch-bound shape). Also: "11": one barrier per
-  # group in NCHW; "112": two barriers per group everywhere; "00": plane groups off). The grouped launch narrows
-  # channels-last columns to fit in L2, down to BNX_CUDA_L2_GROUP_ROW_BYTES (default 64) bytes of every row; set
-  # it in the environment to compare floors.
+  # on-chip launch wherever the input fits in shared memory, or partly fits with the rest in half the L2 (the
+  # launch-bound shape). Also: "11": one barrier per group in NCHW; "112": two barriers per group everywhere;
+  # "00": plane groups off). The grouped launch narrows channels-last columns to fit in L2, down to
+  # BNX_CUDA_L2_GROUP_ROW_BYTES (default 64) bytes of every row; set it in the environment to compare floors.
   local cfg l2 files=()
   for cfg in ${GROUPS_CONFIGS:-10 110 1a 1001 10001}; do
     l2=${cfg:1:1}
@@ -184,8 +184,9 @@ run_sanitize() {
   # configurations, plus one case of the barrier-free grouped launch on narrowed channels-last columns (fp32,
   # (16,64,32,32)) and one of the programmatic dependent launches (fp32 channels-last (32,64,28,28), many
   # splits per channel), plus the on-chip launch on (6,5,7,9) (shared-memory cache, cp.async, both layouts and
-  # dtypes); SANITIZE_TESTS overrides the -k expression.
-  local k="${SANITIZE_TESTS:-(test_fused_passes_match_reference and (default or l2_groups_plane_groups_off or two_barriers or no_barrier) and not shape5 and not shape6) or (narrowed_channels_last and no_barrier and row16 and dtype0) or (programmatic_dependent_launch and shape1 and dtype0 and nhwc) or (on_chip_launch_matches_reference and shape0)}"
+  # dtypes), whole and with 2 cache slots a thread (the rest read from global memory); SANITIZE_TESTS overrides
+  # the -k expression.
+  local k="${SANITIZE_TESTS:-(test_fused_passes_match_reference and (default or l2_groups_plane_groups_off or two_barriers or no_barrier) and not shape5 and not shape6) or (narrowed_channels_last and no_barrier and row16 and dtype0) or (programmatic_dependent_launch and shape1 and dtype0 and nhwc) or (on_chip_launch_matches_reference and shape0) or (on_chip_partial_cache and shape0)}"
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 10 "$(cap ${SANITIZE_TIMEOUT:-150})" \
       compute-sanitizer --tool "$tool" --error-exitcode 99 \

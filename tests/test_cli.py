@@ -400,15 +400,15 @@ def test_kernel_resources_script(tmp_path):
                "64006aef_1703010GradSumsOpIN3c108BFloat16EfLb0EEENS2_12GradFinalizeIfEENS2_16BatchGradInputOpIS5_fEEEEvN"
                "S0_4PlanENS0_6GroupsET3_T4_T5_PT_Pj")
     fin = "_ZN3bnx4cuda15finalize_kernelIfNS0_15MomentsFinalizeIN3c108BFloat16EfEEEEvPKT_llT0_"
-    on_chip = ("_ZN3bnx4cuda23on_chip_sums_map_kernelIfLi8ELi1ENS0_16ShiftedMomentsOpIN3c108BFloat16EfEENS0_15Moments"
-               "FinalizeIS4_fEENS0_8AffineOpIS4_fEEEEvNS0_4PlanET2_T3_T4_PT_l")
+    on_chip = ("_ZN3bnx4cuda23on_chip_sums_map_kernelIfLi8ELi1ELb0ENS0_16ShiftedMomentsOpIN3c108BFloat16EfEENS0_15"
+               "MomentsFinalizeIS4_fEENS0_8AffineOpIS4_fEEEEvNS0_4PlanET3_T4_T5_PT_l")
     log = tmp_path / "ptxas.log"
     # The 4-wide sums kernel (150 registers) is not a 16-byte one: left out of its row.
     log.write_text("nvcc noise\n" + _ptxas_entry(sums, 74, 16384)
                    + _ptxas_entry(sums.replace("Li8ELi1E", "Li4ELi1E"), 150, 0)
                    + _ptxas_entry(grouped, 216, 18433, spills=(32, 40)) + _ptxas_entry(fin, 32, 0)
                    + _ptxas_entry(sums.replace("IN3c108BFloat16EfEE", "IffEE"), 80, 120_000)
-                   + _ptxas_entry(on_chip, 64, 18432))
+                   + _ptxas_entry(on_chip, 64, 18432) + _ptxas_entry(on_chip.replace("Lb0E", "Lb1E"), 78, 18432))
     md = tmp_path / "r.md"
     p = subprocess.run([sys.executable, script, "--log", str(log), "--md", str(md)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
@@ -418,6 +418,7 @@ def test_kernel_resources_script(tmp_path):
     assert "| grouped_sums_map_kernel | GradSumsOp | plane groups, no barrier | - | 216 / 1 (1: 72 B) | - |" in out
     assert "| finalize_kernel | - | - | - | - | 32 / 8 |" in out
     assert "| on_chip_sums_map_kernel | ShiftedMomentsOp | rows | - | 64 / 4 | - |" in out
+    assert "| on_chip_sums_map_kernel | ShiftedMomentsOp | rows, partial | - | 78 / 3 | - |" in out
     assert md.read_text().strip() == out.strip()
     empty = tmp_path / "empty.log"
     empty.write_text("nvcc: nothing compiled\n")

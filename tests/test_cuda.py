@@ -289,19 +289,37 @@ def test_auto_l2_groups_match_reference(shape, memory_format, dtype, monkeypatch
 def test_on_chip_launch_matches_reference(shape, dtype, memory_format, monkeypatch):
     """BNX_CUDA_ON_CHIP=1: where the input fits in the shared memory of the resident CTAs (on an H100 or H200
     every shape here but the fp32 backward of (32,64,56,56), whose x and dy take 51 MB), the training forward
-    and the batch backward run as one cooperative launch that reads each input from DRAM once; elsewhere the
-    two launches. Either way the float64 reference's results, both formulas, three inputs in turn (one for
-    the largest, whose float64 reference takes the host a while)."""
+    and the batch backward run as one cooperative launch that reads each input from DRAM once; where it
+    partly fits and the rest fits in half the L2 (that fp32 backward) the same launch with part of each
+    thread's vectors read from global memory twice; elsewhere the two launches. Either way the float64
+    reference's results, both formulas, three inputs in turn (one for the largest, whose float64 reference
+    takes the host a while)."""
     monkeypatch.setenv("BNX_CUDA_ON_CHIP", "1")
     for seed in range(1 if shape == (32, 64, 56, 56) else 3):
         _fused_passes_against_float64(shape, dtype, memory_format, seed)
 
 
-@pytest.mark.parametrize("dtype,backward", [(torch.float32, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(6, 5, 7, 9), (32, 64, 28, 28), (300, 32, 3, 3)])
+def test_on_chip_partial_cache_matches_reference(shape, dtype, memory_format, monkeypatch):
+    """The on-chip launch with at most 2 cache slots a thread (BNX_CUDA_ON_CHIP_SLOTS=2): the rest of each
+    thread's vectors come from global memory in the sums and again in the map, as where an input only partly
+    fits in shared memory; the float64 reference's results, both formulas."""
+    monkeypatch.setenv("BNX_CUDA_ON_CHIP", "1")
+    monkeypatch.setenv("BNX_CUDA_ON_CHIP_SLOTS", "2")
+    for seed in range(2):
+        _fused_passes_against_float64(shape, dtype, memory_format, seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backward", [False, True])
 def test_on_chip_launch_is_taken_where_the_input_fits(dtype, backward, monkeypatch):
     """The launch-bound channels-last (32,64,56,56) (25.7 MB in fp32, under the ~30 MB of shared memory of an
-    H100's 132 SMs): with BNX_CUDA_ON_CHIP=1 the training forward (and in bf16 the batch backward too) runs
-    on_chip_sums_map_kernel, as the profiler sees, and no separate sums kernel."""
+    H100's 132 SMs): with BNX_CUDA_ON_CHIP=1 the training forward and the batch backward run
+    on_chip_sums_map_kernel, as the profiler sees, and no separate sums kernel. The fp32 backward's x and dy
+    (51 MB) only partly fit: at 2 CTAs per SM (the kernel's registers allow no more) about 26 MB of them are
+    cached and the other ~26 MB, just within half of the 50 MB L2, are read twice."""
     from torch.profiler import ProfilerActivity, profile
 
     monkeypatch.setenv("BNX_CUDA_ON_CHIP", "1")

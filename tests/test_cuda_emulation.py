@@ -438,43 +438,68 @@ def test_emulated_ops_over_split_counts(emu, monkeypatch, sms, dtype, l2_groups)
 
 # The on-chip launch (BNX_CUDA_ON_CHIP=1). Channels-last (64,32,16,16) fp32: one tile column of 8 lanes x 32
 # thread-rows; the emulation holds 2 CTAs per SM, so 16 CTAs on 8 SMs take 1024 rows each (32 vectors a
-# thread: 128 KiB of x, 256 KiB of x and dy), 8 on 8 SMs where only one CTA's share of an SM fits.
-# smem per SM (KiB), kind, expected (splits, fits, slots, smem_bytes)
+# thread: 128 KiB of x, 256 KiB of x and dy), 8 on 8 SMs where only one CTA's share of an SM fits. Where
+# no share holds a tile, a thread caches what fits of its walk (slots: 4 KiB a slot for x, 8 KiB for x and
+# dy) if the rest of the input (at most (32 - slots) slots of each of the 16 tiles) fits in half the L2.
+# smem per SM (KiB), L2 (KiB), kind, expected (splits, fits, slots, smem_bytes, cached_all)
 ON_CHIP_PLANS = [
-    (1024, "on_chip", (16, 1, 32, 128 << 10)),
-    (1024, "on_chip_backward", (16, 1, 32, 256 << 10)),
-    (256, "on_chip", (16, 1, 32, 128 << 10)),           # two shares of 128 KiB: just fits
-    (256, "on_chip_backward", None),                      # 256 KiB in 128 KiB shares, 512 KiB for one CTA: no
-    (200, "on_chip", None),                               # 100 KiB shares, or 256 KiB for one CTA: no
+    (1024, 64, "on_chip", (16, 1, 32, 128 << 10, 1)),
+    (1024, 64, "on_chip_backward", (16, 1, 32, 256 << 10, 1)),
+    (256, 64, "on_chip", (16, 1, 32, 128 << 10, 1)),          # two shares of 128 KiB: just fits
+    (256, 64, "on_chip_backward", None),                      # 256 KiB in 128 KiB shares, 512 KiB for one CTA: no
+    (200, 64, "on_chip", None),                               # 100 KiB shares, or 256 KiB for one CTA: no
+    (200, 1024, "on_chip", (16, 1, 25, 100 << 10, 0)),        # 25 slots of 100 KiB; 7 x 4 KiB x 16 = 448 <= 512 KiB
+    (200, 800, "on_chip", None),                              # 448 KiB > 400 KiB
+    (256, 4096, "on_chip_backward", (16, 1, 16, 128 << 10, 0)),  # 16 x 8 KiB x 16 = 2 MiB <= 2 MiB
+    (256, 4000, "on_chip_backward", None),
 ]
 
 
-@pytest.mark.parametrize("smem_kib,kind,expected", ON_CHIP_PLANS)
-def test_on_chip_plan_fits_the_input_in_shared_memory(emu, monkeypatch, smem_kib, kind, expected):
+@pytest.mark.parametrize("smem_kib,l2_kib,kind,expected", ON_CHIP_PLANS)
+def test_on_chip_plan_fits_the_input_in_shared_memory(emu, monkeypatch, smem_kib, l2_kib, kind, expected):
     monkeypatch.setenv("BNX_EMULATED_SMS", "8")
     monkeypatch.setenv("BNX_EMULATED_SMEM_BYTES", str(smem_kib * 1024))
+    monkeypatch.setenv("BNX_EMULATED_L2_BYTES", str(l2_kib * 1024))
     plan = emu.plan(_tensor((64, 32, 16, 16), torch.float32, "cl"), kind)
     assert tuple(plan[:2]) == (KROWS, 4) and tuple(plan[4:6]) == (8, 32)
     if expected is None:
         assert plan[7] == 0
     else:
-        assert (plan[3], plan[7], plan[8], plan[9]) == expected
-        assert plan[3] * plan[6] >= 64 * 16 * 16 and plan[8] * 32 >= plan[6]  # every row in a tile and a slot
+        assert (plan[3], plan[7], plan[8], plan[9], plan[10]) == expected
+        assert plan[3] * plan[6] >= 64 * 16 * 16  # every row in a tile
+        assert (plan[8] * 32 >= plan[6]) == bool(plan[10])  # and in a slot where cached_all
 
 
-@pytest.mark.parametrize("sms", ["1", "8"])
+def test_on_chip_slots_cap_takes_the_partial_form(emu, monkeypatch):
+    """BNX_CUDA_ON_CHIP_SLOTS caps a thread's cache slots (for GPU tests of the partial form): the same tiles,
+    3 slots (12 KiB a CTA) instead of 32, the rest read from global memory; a rest larger than half the L2
+    still takes the two launches."""
+    monkeypatch.setenv("BNX_EMULATED_SMS", "8")
+    monkeypatch.setenv("BNX_EMULATED_SMEM_BYTES", str(1 << 20))
+    monkeypatch.setenv("BNX_CUDA_ON_CHIP_SLOTS", "3")
+    x = _tensor((64, 32, 16, 16), torch.float32, "cl")
+    monkeypatch.setenv("BNX_EMULATED_L2_BYTES", str(8 << 20))
+    assert list(emu.plan(x, "on_chip")[3:]) == [16, 8, 32, 1024, 1, 3, 12 << 10, 0]
+    monkeypatch.setenv("BNX_EMULATED_L2_BYTES", str(2 << 20))  # 29 x 4 KiB x 16 = 1.8 MiB > 1 MiB
+    assert emu.plan(x, "on_chip")[7] == 0
+
+
+@pytest.mark.parametrize("sms,cache", [("1", "all"), ("8", "all"), ("8", "part")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("shape,layout", [((64, 32, 16, 16), "cl"), ((40, 8, 7, 7), "nchw"), ((16, 6, 10, 10), "nchw"),
                                           ((1, 2, 256, 256), "nchw"), ((300, 24), "nchw")],
                          ids=["rows", "plane_groups", "planes", "segments", "2d"])
-def test_emulated_on_chip_launch_matches_cpu_ops(emu, monkeypatch, sms, dtype, shape, layout):
+def test_emulated_on_chip_launch_matches_cpu_ops(emu, monkeypatch, sms, cache, dtype, shape, layout):
     """With BNX_CUDA_ON_CHIP=1 and room in shared memory, the training forward and the batch backward with
     grad_input take the on-chip launch (one cooperative launch each, counted) in every walk, with one split
     per tile column or many (the channels then finished across the grid between the barriers); every op's
-    results are the CPU ops'. The emulation fills shared memory with NaN at launch and fails a thread that
-    walks past its cache slots, so a map reading a vector the sums did not store shows."""
+    results are the CPU ops'. The emulation fills shared memory with NaN at launch, so a map reading a
+    vector the sums did not store shows. cache="part": 16 KiB of shared memory per SM and a large L2, so that
+    a thread caches only the first few vectors of its walk (rows and segments: the forward's and the
+    backward's) and reads the rest from global memory in both passes."""
     monkeypatch.setenv("BNX_EMULATED_SMS", sms)
-    monkeypatch.setenv("BNX_EMULATED_SMEM_BYTES", str(8 << 20))
+    monkeypatch.setenv("BNX_EMULATED_SMEM_BYTES", str((8 << 20) if cache == "all" else (16 << 10)))
+    monkeypatch.setenv("BNX_EMULATED_L2_BYTES", str(64 << 20))
     monkeypatch.setenv("BNX_CUDA_PLANE_GROUPS", "1")
     monkeypatch.setenv("BNX_CUDA_L2_GROUPS", "0")
     monkeypatch.setenv("BNX_CUDA_ON_CHIP", "1")
@@ -483,6 +508,10 @@ def test_emulated_on_chip_launch_matches_cpu_ops(emu, monkeypatch, sms, dtype, s
     # a CTA for every tile column, 2 CTAs per emulated SM: with fewer, the two launches
     fits = emu.plan(x, "sums")[2] <= 2 * int(sms)
     assert fwd[7] == bwd[7] == int(fits)
+    if cache == "all":
+        assert fwd[10] == bwd[10] == int(fits)  # every vector cached
+    elif shape in [(64, 32, 16, 16), (1, 2, 256, 256)]:
+        assert fwd[10] == bwd[10] == 0  # some read from global memory
     if sms == "8":
         assert fwd[3] > 1  # several splits: the channels are finished from partial sums
     before = emu.emulated_cooperative_launches()

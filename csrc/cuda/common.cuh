@@ -1181,7 +1181,10 @@ bool launch_grouped(const Plan& sums, const Layout& L, int64_t element_bytes, in
 // CTA maps its tile from the copy (Cached again) and writes the output. So a training forward moves 2 tensor
 // transfers instead of 3 and a batch backward 3 instead of 5, in one launch instead of three: what cuDNN's
 // persistent kernels do on small channels-last inputs, where bnx's launch-bound (32,64,56,56) fp32 passes
-// trail them. An H100 has 228 KB of shared memory per SM, about 30 MB in all.
+// trail them. An H100 has 228 KB of shared memory per SM, about 30 MB in all. Where the input only partly
+// fits (the fp32 backward of that shape: x and dy, 51 MB), each thread caches the first vectors of its walk
+// and reads the rest from global memory in both passes; the launch is taken only where that rest fits in
+// half the L2, so the map's second read of it comes from L2 (on_chip_plan).
 // A thread's k-th vector of input j sits at slot (j * slots + k) * threads + tid, so that a warp's accesses
 // to one slot are contiguous; every pass walks the tile with the same for_each_batch, so the k-th vector is
 // the same one in each.
@@ -1208,9 +1211,10 @@ __device__ __forceinline__ void wait_for_smem_copies() {
 #endif
 }
 
-// Copies the vectors a thread walks in tile t (for_each_batch, as the ops see them) of each of op's inputs
-// into its cache slots, in walk order.
-template <int V, int W, typename Op>
+// Copies the first `slots` vectors a thread walks in tile t (for_each_batch, as the ops see them) of each of
+// op's inputs into its cache slots, in walk order: all of them where the input fits, else (kPartial) as many
+// as fit.
+template <int V, int W, bool kPartial, typename Op>
 __device__ __forceinline__ void fill_cache(const Plan& p, Tile t, const Op& op, unsigned char* cache, int64_t slots,
                                               int threads, int tid) {
   using VecT = Vec<typename Op::scalar_type, V>;
@@ -1218,22 +1222,23 @@ __device__ __forceinline__ void fill_cache(const Plan& p, Tile t, const Op& op, 
   VecT* c = reinterpret_cast<VecT*>(cache);
   int64_t next = 0;
   for_each_batch<V, B, W>(p, t, [&](const int64_t* off, int n) {
-#ifdef BNX_CUDA_EMULATION
-    if (next + n > slots) emulation::Block::current()->report("cuda emulation: on-chip cache slots overrun");
-#endif
+    if (kPartial && next >= slots) return;
 #pragma unroll
     for (int j = 0; j < Op::kInputs; ++j)
 #pragma unroll
       for (int u = 0; u < B; ++u)
-        if (u < n) copy_to_smem<V>(c + (j * slots + next + u) * threads + tid, op.input(j), off[u]);
+        if (u < n && (!kPartial || next + u < slots)) copy_to_smem<V>(c + (j * slots + next + u) * threads + tid, op.input(j), off[u]);
     next += n;
   });
   wait_for_smem_copies();
 }
 
 // The op, its inputs read from the cache slots (in walk order) instead of global memory: a sums op
-// (accumulate) or a map op (apply, which writes the output to global memory as usual).
-template <typename Op>
+// (accumulate) or a map op (apply, which writes the output to global memory as usual). kPartial (an input
+// that only partly fits): vectors past the thread's slots come from global memory, as the op itself reads
+// them. (A template argument, because the check and the offsets it keeps live cost the whole-input kernels
+// up to 25 registers: ptxas, sm_90.)
+template <typename Op, bool kPartial>
 struct Cached {
   using scalar_type = typename Op::scalar_type;
   Op op;
@@ -1248,36 +1253,42 @@ struct Cached {
   }
 
   template <int V, int B>
-  __device__ __forceinline__ void read(int n, Vec<scalar_type, V> (&in)[Op::kInputs][B]) const {
+  __device__ __forceinline__ void read(const int64_t* off, int n, Vec<scalar_type, V> (&in)[Op::kInputs][B]) const {
     using VecT = Vec<scalar_type, V>;
-#ifdef BNX_CUDA_EMULATION
-    if (next + n > slots) emulation::Block::current()->report("cuda emulation: on-chip cache slots overrun");
-#endif
     const VecT* c = reinterpret_cast<const VecT*>(cache);
+    if (!kPartial || next + n <= slots) {  // the whole batch is cached
 #pragma unroll
-    for (int j = 0; j < Op::kInputs; ++j)
+      for (int j = 0; j < Op::kInputs; ++j)
 #pragma unroll
-      for (int u = 0; u < B; ++u)
-        if (u < n) in[j][u] = c[(j * slots + next + u) * threads + tid];
+        for (int u = 0; u < B; ++u)
+          if (u < n) in[j][u] = c[(j * slots + next + u) * threads + tid];
+    } else {
+#pragma unroll
+      for (int j = 0; j < Op::kInputs; ++j)
+#pragma unroll
+        for (int u = 0; u < B; ++u)
+          if (u < n)
+            in[j][u] = next + u < slots ? c[(j * slots + next + u) * threads + tid] : load_vec<V>(op.input(j), off[u]);
+    }
     next += n;
   }
 
   template <int V, int B, typename K, typename acc_t>
   __device__ __forceinline__ void accumulate(const int64_t* off, int n, const K& k, acc_t* s1, acc_t* s2) const {
     Vec<scalar_type, V> in[Op::kInputs][B];
-    read<V, B>(n, in);
+    read<V, B>(off, n, in);
     op.template accumulate_loaded<V, B>(off, in, n, k, s1, s2);
   }
 
   template <int V, int B, typename K>
   __device__ __forceinline__ void apply(const int64_t* off, int n, const K& k) const {
     Vec<scalar_type, V> in[Op::kInputs][B];
-    read<V, B>(n, in);
+    read<V, B>(off, n, in);
     op.template apply_loaded<V, B>(off, in, n, k);
   }
 };
 
-template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
+template <typename acc_t, int V, int W, bool kPartial, typename SumOp, typename Fin, typename MapOp>
 __global__ void __launch_bounds__(kThreads) on_chip_sums_map_kernel(Plan p, SumOp sop, Fin fin, MapOp mop,
                                                                     acc_t* __restrict__ partial, int64_t slots) {
   __shared__ acc_t local_a[kMaxTileChannels], local_b[kMaxTileChannels];
@@ -1287,8 +1298,8 @@ __global__ void __launch_bounds__(kThreads) on_chip_sums_map_kernel(Plan p, SumO
   const int warps = threads / 32;  // whole warps: a plane-groups CTA may end in a partial one
   unsigned char* cache = dynamic_smem();
   const Tile t{static_cast<int64_t>(blockIdx.x) % p.grid_x, static_cast<int64_t>(blockIdx.x) / p.grid_x};
-  fill_cache<V, W>(p, t, sop, cache, slots, threads, tid);
-  sum_tile<acc_t, V, W>(p, t, Cached<SumOp>{sop, cache, slots, threads, tid}, fin, partial);
+  fill_cache<V, W, kPartial>(p, t, sop, cache, slots, threads, tid);
+  sum_tile<acc_t, V, W>(p, t, Cached<SumOp, kPartial>{sop, cache, slots, threads, tid}, fin, partial);
   __threadfence();  // the partial sums (or, with one split, fin's writes) before the barrier
   grid_sync();
   if (p.splits > 1) {
@@ -1307,7 +1318,7 @@ __global__ void __launch_bounds__(kThreads) on_chip_sums_map_kernel(Plan p, SumO
   for (int64_t c = c0 + tid; c < c1; c += threads) finalized(fin, c, a[c], b[c]);
   __syncthreads();
   const auto local = local_map(mop, a, b);
-  map_tile<acc_t, V, W>(p, t, Cached<decltype(local)>{local, cache, slots, threads, tid});
+  map_tile<acc_t, V, W>(p, t, Cached<decltype(local), kPartial>{local, cache, slots, threads, tid});
 }
 
 // Shared memory: what an SM has for its CTAs, what one CTA may take (opt-in), and what the system reserves
@@ -1334,36 +1345,50 @@ inline int64_t vectors_per_thread(const Plan& p) {
 }
 
 // The on-chip launch's plan for the sums plan `sums` (its columns, rows re-split so that every tile has a CTA
-// resident at once, ctas_per_sm of them per SM): whether the input fits, and the cache slots and shared-memory
-// bytes each CTA needs. bytes_per_vector: one vector of every cached input.
+// resident at once, ctas_per_sm of them per SM): the cache slots a thread gets and the shared-memory bytes a
+// CTA needs; whether every vector is cached (cached_all) and whether the launch may run (fits): every vector
+// cached, or with `partial` at least one per thread and the uncached rest (read twice from global memory,
+// by the sums and by the map) within half the L2, so that the map's second read of it comes from there.
+// bytes_per_vector: one vector of every cached input. BNX_CUDA_ON_CHIP_SLOTS caps the slots (so that tests
+// on a GPU, whose shared memory holds any small input, can take the partial form).
 struct OnChipPlan {
   Plan p;
   int64_t slots = 0, smem_bytes = 0;
-  bool fits = false;
+  bool fits = false, cached_all = false;
 };
-inline OnChipPlan on_chip_plan(const Plan& sums, int ctas_per_sm, int64_t bytes_per_vector, int64_t static_smem) {
+inline OnChipPlan on_chip_plan(const Plan& sums, int ctas_per_sm, int64_t bytes_per_vector, int64_t static_smem,
+                               bool partial) {
   OnChipPlan o;
   o.p = sums;
   o.p.reverse = false;
   const int64_t ctas = static_cast<int64_t>(ctas_per_sm) * num_sms();
   if (sums.grid_x > ctas) return o;
   split_rows(o.p, ctas / sums.grid_x, 1);
-  o.slots = vectors_per_thread(o.p);
-  o.smem_bytes = o.slots * o.p.tx * o.p.ty * bytes_per_vector;
+  const int64_t threads = static_cast<int64_t>(o.p.tx) * o.p.ty;
+  const int64_t needed = vectors_per_thread(o.p);
   const SmemLimits smem = smem_limits();
   const int64_t budget = std::min(smem.per_cta_max, smem.per_sm / ctas_per_sm - smem.reserved_per_cta) - static_smem;
-  o.fits = o.p.grid_x * o.p.splits <= ctas && o.smem_bytes <= budget;
+  o.slots = std::min({needed, std::max<int64_t>(0, budget / (threads * bytes_per_vector)),
+                      env_positive("BNX_CUDA_ON_CHIP_SLOTS", needed)});
+  o.smem_bytes = o.slots * threads * bytes_per_vector;
+  o.cached_all = o.slots == needed;
+  const int64_t tiles = o.p.grid_x * o.p.splits;
+  const int64_t uncached_bytes = (needed - o.slots) * threads * tiles * bytes_per_vector;  // at most
+  o.fits = tiles <= ctas && (o.cached_all || (partial && o.slots > 0 && uncached_bytes <= l2_bytes() / 2));
   return o;
 }
 
 // The on-chip plan with the most CTAs per SM (more loads in flight) whose shares of an SM's shared memory hold
 // the input and which `resident(plan)` (CTAs of the kernel an SM holds with that plan's shared memory: its
-// registers may allow fewer) can hold; `fits` is false where none can.
+// registers may allow fewer) can hold; where none holds the whole input, the same for the partial plans
+// (on_chip_plan); `fits` is false where there is none either.
 template <typename Resident>
 OnChipPlan choose_on_chip_plan(const Plan& sums, int64_t bytes_per_vector, int64_t static_smem, Resident&& resident) {
-  for (int per_sm = 4; per_sm >= 1; --per_sm) {
-    const OnChipPlan o = on_chip_plan(sums, per_sm, bytes_per_vector, static_smem);
-    if (o.fits && resident(o) >= per_sm) return o;
+  for (const bool partial : {false, true}) {
+    for (int per_sm = 4; per_sm >= 1; --per_sm) {
+      const OnChipPlan o = on_chip_plan(sums, per_sm, bytes_per_vector, static_smem, partial);
+      if (o.fits && resident(o) >= per_sm) return o;
+    }
   }
   return OnChipPlan{};
 }
@@ -1376,17 +1401,24 @@ bool launch_on_chip(const Plan& sums, const SumOp& sop, const Fin& fin, const Ma
   static_assert(MapOp::kInputs == kInputs, "the on-chip launch maps from the sums op's cached inputs");
   for (int j = 0; j < kInputs; ++j)
     if (sop.input(j) != mop.input(j)) return false;
-  auto kernel = &on_chip_sums_map_kernel<acc_t, V, W, SumOp, Fin, MapOp>;
+  // The kernel for a whole input, and for one that partly fits.
+  auto kernel = [](bool cached_all) {
+    return cached_all ? &on_chip_sums_map_kernel<acc_t, V, W, false, SumOp, Fin, MapOp>
+                      : &on_chip_sums_map_kernel<acc_t, V, W, true, SumOp, Fin, MapOp>;
+  };
   const int64_t bytes_per_vector = kInputs * static_cast<int64_t>(sizeof(Vec<typename SumOp::scalar_type, V>));
   int64_t static_smem = 0;
 #ifndef BNX_CUDA_EMULATION
-  cudaFuncAttributes attributes;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  static_smem = static_cast<int64_t>(attributes.sharedSizeBytes);
+  for (const bool cached_all : {true, false}) {
+    cudaFuncAttributes attributes;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel(cached_all)));
+    static_smem = std::max(static_smem, static_cast<int64_t>(attributes.sharedSizeBytes));
+  }
   // Allow the most a CTA may take (the same value every call, so concurrent calls cannot undo each other);
   // the occupancy query and the launch then use what a plan needs.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem_limits().per_cta_max - static_smem)));
+  for (const bool cached_all : {true, false})
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel(cached_all), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem_limits().per_cta_max - static_smem)));
 #endif
   const OnChipPlan o = choose_on_chip_plan(sums, bytes_per_vector, static_smem, [&](const OnChipPlan& candidate) {
     int resident = 0;
@@ -1394,7 +1426,8 @@ bool launch_on_chip(const Plan& sums, const SumOp& sop, const Fin& fin, const Ma
     (void)candidate;
     resident = emulation::blocks_per_sm();
 #else
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, candidate.p.tx * candidate.p.ty,
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel(candidate.cached_all),
+                                                                 candidate.p.tx * candidate.p.ty,
                                                                  static_cast<size_t>(candidate.smem_bytes)));
 #endif
     return resident;
@@ -1402,7 +1435,7 @@ bool launch_on_chip(const Plan& sums, const SumOp& sop, const Fin& fin, const Ma
   if (!o.fits) return false;
   const at::Tensor workspace = partial_workspace<acc_t>(o.p, like);
   acc_t* partial = o.p.splits > 1 ? workspace.mutable_data_ptr<acc_t>() : nullptr;
-  launch_cooperative_smem(kernel, dim3(static_cast<unsigned>(o.p.grid_x * o.p.splits)), o.p.block(),
+  launch_cooperative_smem(kernel(o.cached_all), dim3(static_cast<unsigned>(o.p.grid_x * o.p.splits)), o.p.block(),
                           static_cast<size_t>(o.smem_bytes), o.p, sop, fin, mop, partial, o.slots);
   return true;
 }

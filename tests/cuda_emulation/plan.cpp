@@ -14,7 +14,7 @@ namespace {
 // and "grouped_backward" (of a batch backward: x and dy) append [tiles_per_group, groups, ctas, reuses_l2]
 // (reuses_l2: whether BNX_CUDA_L2_GROUPS=auto takes the grouped launch); "on_chip" (the on-chip launch of a
 // training forward) and "on_chip_backward" (of a batch backward) give its plan and append [fits, slots,
-// smem_bytes].
+// smem_bytes, cached_all].
 std::vector<int64_t> plan_of(const at::Tensor& input, c10::string_view kind) {
   const Layout L = layout_of(input);
   const Access a = choose_access(L, input.element_size(), {input.const_data_ptr()});
@@ -30,7 +30,8 @@ std::vector<int64_t> plan_of(const at::Tensor& input, c10::string_view kind) {
     const OnChipPlan o = choose_on_chip_plan(p, inputs * p.V * input.element_size(), 0,
                                              [](const OnChipPlan&) { return emulation::blocks_per_sm(); });
     const Plan& q = o.fits ? o.p : p;
-    return {q.walk, q.V, q.grid_x, q.splits, q.tx, q.ty, q.rows_per_split, o.fits ? 1 : 0, o.slots, o.smem_bytes};
+    return {q.walk, q.V, q.grid_x, q.splits, q.tx, q.ty, q.rows_per_split, o.fits ? 1 : 0, o.slots, o.smem_bytes,
+            o.cached_all ? 1 : 0};
   }
   Groups groups;
   int64_t ctas = 0;
