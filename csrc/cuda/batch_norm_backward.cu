@@ -285,7 +285,8 @@ void batch_grad_input(const BackwardArgs& a, const Tensor& weight, const Tensor&
 void batch_backward(const BackwardArgs& a, const Tensor& weight, const Tensor& dx, const Tensor& grad_weight,
                     const Tensor& grad_bias) {
   const auto acc_options = a.input.options().dtype(a.acc);
-  Tensor sum_dy = at::empty({a.L.C}, acc_options), sum_dy_xmu = at::empty({a.L.C}, acc_options);
+  Tensor sum_dy = unwritten(at::empty({a.L.C}, acc_options));
+  Tensor sum_dy_xmu = unwritten(at::empty({a.L.C}, acc_options));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
@@ -348,7 +349,7 @@ Tensor batch_norm_backward_elemt_cuda(const Tensor& grad_out, const Tensor& inpu
   check_channel_tensor(sum_dy, "sum_dy", input);
   check_channel_tensor(sum_dy_xmu, "sum_dy_xmu", input);
   check_count(count, a.input);
-  Tensor dx = at::empty_like(a.input, a.L.format);
+  Tensor dx = unwritten(at::empty_like(a.input, a.L.format));
   if (a.input.numel() == 0 || count == 0) return dx;
   batch_grad_input(a, as_acc(value_or_undefined(weight_), a.acc), as_acc(sum_dy, a.acc), as_acc(sum_dy_xmu, a.acc),
                    count, dx);
@@ -367,9 +368,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
   const Tensor weight = as_acc(weight_orig, a.acc);
   const auto param_dtype = param_grad_dtype(weight_orig, a.input);
   const auto acc_options = a.input.options().dtype(a.acc);
-  Tensor grad_input = output_mask[0] ? at::empty_like(a.input, a.L.format) : at::empty({0}, a.input.options());
-  Tensor grad_weight = at::empty({output_mask[1] ? a.L.C : 0}, acc_options);
-  Tensor grad_bias = at::empty({output_mask[2] ? a.L.C : 0}, acc_options);
+  Tensor grad_input =
+      output_mask[0] ? unwritten(at::empty_like(a.input, a.L.format)) : at::empty({0}, a.input.options());
+  Tensor grad_weight = unwritten(at::empty({output_mask[1] ? a.L.C : 0}, acc_options));
+  Tensor grad_bias = unwritten(at::empty({output_mask[2] ? a.L.C : 0}, acc_options));
   const bool empty = a.L.rows == 0 || a.L.C == 0;
   if (empty) {
     grad_weight.zero_();

@@ -16,7 +16,7 @@ Tensor affine_forward(const Tensor& input_, const c10::optional<Tensor>& weight_
   const DeviceGuard guard(input_.device());
   const Layout L = layout_of(input_);
   const Tensor input = dense_as(input_, L.format);
-  Tensor out = at::empty_like(input, L.format);
+  Tensor out = unwritten(at::empty_like(input, L.format));
   if (input.numel() == 0) return out;
   const auto acc = stat_dtype(input);
   const Tensor weight = as_acc(value_or_undefined(weight_), acc);

@@ -69,7 +69,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input_, const c10
   StatsArgs a = prepare_stats(input_, running_mean, running_var, num_batches_tracked, eps);
   const DeviceGuard guard(a.input.device());
   const auto options = a.input.options().dtype(stat_dtype(a.input));
-  Tensor mean = at::empty({a.L.C}, options), invstd = at::empty({a.L.C}, options);
+  Tensor mean = unwritten(at::empty({a.L.C}, options)), invstd = unwritten(at::empty({a.L.C}, options));
   if (a.L.C == 0) return {mean, invstd};
   if (a.L.rows == 0) {
     fill_empty_stats(mean, invstd, eps);
@@ -102,8 +102,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_forward_cuda(
   const DeviceGuard guard(a.input.device());
   const auto acc = stat_dtype(a.input);
   const auto options = a.input.options().dtype(acc);
-  Tensor mean = at::empty({a.L.C}, options), invstd = at::empty({a.L.C}, options);
-  Tensor out = at::empty_like(a.input, a.L.format);
+  Tensor mean = unwritten(at::empty({a.L.C}, options)), invstd = unwritten(at::empty({a.L.C}, options));
+  Tensor out = unwritten(at::empty_like(a.input, a.L.format));
   if (a.L.C == 0) return {out, mean, invstd};
   if (a.L.rows == 0) {
     fill_empty_stats(mean, invstd, eps);

@@ -29,6 +29,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -1018,11 +1019,21 @@ __global__ void BNX_GROUPED_LAUNCH_BOUNDS grouped_sums_map_kernel(Plan p, Groups
   }
 }
 
+// A tensor from at::empty that the kernels are to write in full (an output, a workspace). On a GPU it is
+// left as it is; the emulation fills it with NaN, so that an element no kernel writes fails the tests instead
+// of keeping what the allocator's block held, often the same op's result from the call before.
+inline at::Tensor unwritten(at::Tensor t) {
+#ifdef BNX_CUDA_EMULATION
+  if (t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
+#endif
+  return t;
+}
+
 // Workspace for the partial sums of every split of every channel.
 template <typename acc_t>
 at::Tensor partial_workspace(const Plan& p, const at::Tensor& like) {
   if (p.splits <= 1) return at::Tensor();
-  return at::empty({p.splits, p.C, 2}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  return unwritten(at::empty({p.splits, p.C, 2}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value)));
 }
 
 // Runs the sums (and the finalize step when the channel is split across CTAs). `workspace` comes from
@@ -1184,7 +1195,7 @@ bool launch_grouped(const Plan& sums, const Layout& L, int64_t element_bytes, in
 // trail them. An H100 has 228 KB of shared memory per SM, about 30 MB in all. Where the input only partly
 // fits (the fp32 backward of that shape: x and dy, 51 MB), each thread caches the first vectors of its walk
 // and reads the rest from global memory in both passes; the launch is taken only where that rest fits in
-// half the L2, so the map's second read of it comes from L2 (on_chip_plan).
+// half the L2, and the map re-reads it first, so that its second read comes from L2 (on_chip_plan).
 // A thread's k-th vector of input j sits at slot (j * slots + k) * threads + tid, so that a warp's accesses
 // to one slot are contiguous; every pass walks the tile with the same for_each_batch, so the k-th vector is
 // the same one in each.
@@ -1237,7 +1248,9 @@ __device__ __forceinline__ void fill_cache(const Plan& p, Tile t, const Op& op, 
 // (accumulate) or a map op (apply, which writes the output to global memory as usual). kPartial (an input
 // that only partly fits): vectors past the thread's slots come from global memory, as the op itself reads
 // them. (A template argument, because the check and the offsets it keeps live cost the whole-input kernels
-// up to 25 registers: ptxas, sm_90.)
+// up to 25 registers: ptxas, sm_90.) `only` restricts apply to the batches that are wholly cached or to the
+// others, so that a map can take them in two walks.
+enum CachedBatches : int { kAllBatches = 0, kUncachedBatches = 1, kCachedBatches = 2 };
 template <typename Op, bool kPartial>
 struct Cached {
   using scalar_type = typename Op::scalar_type;
@@ -1245,6 +1258,7 @@ struct Cached {
   const unsigned char* cache;
   int64_t slots;
   int threads, tid;
+  CachedBatches only = kAllBatches;
   mutable int64_t next = 0;
 
   template <int V>
@@ -1282,6 +1296,12 @@ struct Cached {
 
   template <int V, int B, typename K>
   __device__ __forceinline__ void apply(const int64_t* off, int n, const K& k) const {
+    if constexpr (kPartial) {
+      if (only != kAllBatches && (only == kCachedBatches) != (next + n <= slots)) {
+        next += n;  // not this walk's batch
+        return;
+      }
+    }
     Vec<scalar_type, V> in[Op::kInputs][B];
     read<V, B>(off, n, in);
     op.template apply_loaded<V, B>(off, in, n, k);
@@ -1318,7 +1338,14 @@ __global__ void __launch_bounds__(kThreads) on_chip_sums_map_kernel(Plan p, SumO
   for (int64_t c = c0 + tid; c < c1; c += threads) finalized(fin, c, a[c], b[c]);
   __syncthreads();
   const auto local = local_map(mop, a, b);
-  map_tile<acc_t, V, W>(p, t, Cached<decltype(local), kPartial>{local, cache, slots, threads, tid});
+  if constexpr (kPartial) {
+    // What is not cached first: the sums read it last, so it is what L2 holds most recently, and the map's
+    // output writes have not yet evicted any of it. Then the cached vectors.
+    map_tile<acc_t, V, W>(p, t, Cached<decltype(local), true>{local, cache, slots, threads, tid, kUncachedBatches});
+    map_tile<acc_t, V, W>(p, t, Cached<decltype(local), true>{local, cache, slots, threads, tid, kCachedBatches});
+  } else {
+    map_tile<acc_t, V, W>(p, t, Cached<decltype(local), false>{local, cache, slots, threads, tid});
+  }
 }
 
 // Shared memory: what an SM has for its CTAs, what one CTA may take (opt-in), and what the system reserves
