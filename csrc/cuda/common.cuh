@@ -1238,7 +1238,8 @@ __device__ __forceinline__ void fill_cache(const Plan& p, Tile t, const Op& op, 
     for (int j = 0; j < Op::kInputs; ++j)
 #pragma unroll
       for (int u = 0; u < B; ++u)
-        if (u < n && (!kPartial || next + u < slots)) copy_to_smem<V>(c + (j * slots + next + u) * threads + tid, op.input(j), off[u]);
+        if (u < n && (!kPartial || next + u < slots))
+          copy_to_smem<V>(c + (j * slots + next + u) * threads + tid, op.input(j), off[u]);
     next += n;
   });
   wait_for_smem_copies();
@@ -1282,7 +1283,8 @@ struct Cached {
 #pragma unroll
         for (int u = 0; u < B; ++u)
           if (u < n)
-            in[j][u] = next + u < slots ? c[(j * slots + next + u) * threads + tid] : load_vec<V>(op.input(j), off[u]);
+            in[j][u] = next + u < slots ? c[(j * slots + next + u) * threads + tid]
+                                        : load_vec<V>(op.input(j), off[u]);
     }
     next += n;
   }
