@@ -494,7 +494,8 @@ def test_emulated_on_chip_launch_matches_cpu_ops(emu, monkeypatch, sms, cache, d
     grad_input take the on-chip launch (one cooperative launch each, counted) in every walk, with one split
     per tile column or many (the channels then finished across the grid between the barriers); every op's
     results are the CPU ops'. The emulation fills shared memory with NaN at launch, so a map reading a
-    vector the sums did not store shows, and so does an output element the map does not write. A large L2 and
+    vector the sums did not store shows, and so does an output element the map does not write; where the
+    whole input is cached it fails a thread that walks past its slots. A large L2 and
     less shared memory: cache="part" (64 KiB per SM; rows: 8 of a thread's 32 vectors of x, 4 of x and dy) or
     "few" (16 KiB: 1-2 vectors, fewer than a batch of loads), so that a thread caches only the first
     vectors of its walk and reads the rest from global memory in both passes; the map takes the batches not

@@ -1233,6 +1233,9 @@ __device__ __forceinline__ void fill_cache(const Plan& p, Tile t, const Op& op, 
   VecT* c = reinterpret_cast<VecT*>(cache);
   int64_t next = 0;
   for_each_batch<V, B, W>(p, t, [&](const int64_t* off, int n) {
+#ifdef BNX_CUDA_EMULATION
+    if (!kPartial && next + n > slots) emulation::Block::current()->report("cuda emulation: on-chip cache slots overrun");
+#endif
     if (kPartial && next >= slots) return;
 #pragma unroll
     for (int j = 0; j < Op::kInputs; ++j)
@@ -1270,6 +1273,9 @@ struct Cached {
   template <int V, int B>
   __device__ __forceinline__ void read(const int64_t* off, int n, Vec<scalar_type, V> (&in)[Op::kInputs][B]) const {
     using VecT = Vec<scalar_type, V>;
+#ifdef BNX_CUDA_EMULATION
+    if (!kPartial && next + n > slots) emulation::Block::current()->report("cuda emulation: on-chip cache slots overrun");
+#endif
     const VecT* c = reinterpret_cast<const VecT*>(cache);
     if (!kPartial || next + n <= slots) {  // the whole batch is cached
 #pragma unroll
