@@ -1277,21 +1277,13 @@ struct Cached {
     if (!kPartial && next + n > slots) emulation::Block::current()->report("cuda emulation: on-chip cache slots overrun");
 #endif
     const VecT* c = reinterpret_cast<const VecT*>(cache);
-    if (!kPartial || next + n <= slots) {  // the whole batch is cached
 #pragma unroll
-      for (int j = 0; j < Op::kInputs; ++j)
+    for (int j = 0; j < Op::kInputs; ++j)
 #pragma unroll
-        for (int u = 0; u < B; ++u)
-          if (u < n) in[j][u] = c[(j * slots + next + u) * threads + tid];
-    } else {
-#pragma unroll
-      for (int j = 0; j < Op::kInputs; ++j)
-#pragma unroll
-        for (int u = 0; u < B; ++u)
-          if (u < n)
-            in[j][u] = next + u < slots ? c[(j * slots + next + u) * threads + tid]
-                                        : load_vec<V>(op.input(j), off[u]);
-    }
+      for (int u = 0; u < B; ++u)
+        if (u < n)
+          in[j][u] = !kPartial || next + u < slots ? c[(j * slots + next + u) * threads + tid]
+                                                   : load_vec<V>(op.input(j), off[u]);
     next += n;
   }
 
