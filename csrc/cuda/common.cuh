@@ -30,9 +30,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "../common.h"
 
@@ -1420,6 +1422,39 @@ OnChipPlan choose_on_chip_plan(const Plan& sums, int64_t bytes_per_vector, int64
   return OnChipPlan{};
 }
 
+// Once per device for a pair of on-chip kernels (whole, partial): allows each the most dynamic shared memory
+// a CTA may take beside the larger of their static shared memory, which it returns. The launch then asks for
+// what its plan needs. (Set once, to the same value, so that concurrent calls cannot undo each other; and not
+// on every call: the attribute queries and sets are driver calls.)
+template <typename K>
+int64_t prepare_on_chip_kernels(K whole, K partial) {
+#ifdef BNX_CUDA_EMULATION
+  (void)whole;
+  (void)partial;
+  return 0;
+#else
+  static std::mutex mutex;
+  static std::vector<int64_t> static_smem_by_device;  // -1: not yet prepared on that device
+  const auto device = static_cast<size_t>(c10::cuda::current_device());
+  std::lock_guard<std::mutex> lock(mutex);
+  if (static_smem_by_device.size() <= device) static_smem_by_device.resize(device + 1, -1);
+  int64_t& static_smem = static_smem_by_device[device];
+  if (static_smem < 0) {
+    int64_t most = 0;
+    for (K kernel : {whole, partial}) {
+      cudaFuncAttributes attributes;
+      C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+      most = std::max(most, static_cast<int64_t>(attributes.sharedSizeBytes));
+    }
+    for (K kernel : {whole, partial})
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem_limits().per_cta_max - most)));
+    static_smem = most;
+  }
+  return static_smem;
+#endif
+}
+
 // Runs the sums pass (sop, fin) and the map pass (mop) as the on-chip launch. Launches nothing and returns
 // false where the input does not fit (or mop does not read the tensors sop reads, which the cache holds).
 template <typename acc_t, int V, int W, typename SumOp, typename Fin, typename MapOp>
@@ -1434,19 +1469,7 @@ bool launch_on_chip(const Plan& sums, const SumOp& sop, const Fin& fin, const Ma
                       : &on_chip_sums_map_kernel<acc_t, V, W, true, SumOp, Fin, MapOp>;
   };
   const int64_t bytes_per_vector = kInputs * static_cast<int64_t>(sizeof(Vec<typename SumOp::scalar_type, V>));
-  int64_t static_smem = 0;
-#ifndef BNX_CUDA_EMULATION
-  for (const bool cached_all : {true, false}) {
-    cudaFuncAttributes attributes;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel(cached_all)));
-    static_smem = std::max(static_smem, static_cast<int64_t>(attributes.sharedSizeBytes));
-  }
-  // Allow the most a CTA may take (the same value every call, so concurrent calls cannot undo each other);
-  // the occupancy query and the launch then use what a plan needs.
-  for (const bool cached_all : {true, false})
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel(cached_all), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem_limits().per_cta_max - static_smem)));
-#endif
+  const int64_t static_smem = prepare_on_chip_kernels(kernel(true), kernel(false));
   const OnChipPlan o = choose_on_chip_plan(sums, bytes_per_vector, static_smem, [&](const OnChipPlan& candidate) {
     int resident = 0;
 #ifdef BNX_CUDA_EMULATION
