@@ -1073,18 +1073,27 @@ inline int64_t l2_bytes() {
 // (for measuring the trade-off: larger groups mean fewer grid barriers but fewer L2 hits).
 inline int64_t group_bytes() { return env_positive("BNX_CUDA_L2_GROUP_BYTES", l2_bytes() / 3); }
 
-// How many CTAs of `kernel` can be resident at once (a cooperative launch may not use more).
+// How many CTAs of `kernel` (blocks of `threads`, with `dynamic_smem` bytes of dynamic shared memory) an SM
+// holds at once.
 template <typename K>
-int64_t resident_ctas(K kernel, int threads) {
+int resident_per_sm(K kernel, int threads, int64_t dynamic_smem) {
 #ifdef BNX_CUDA_EMULATION
   (void)kernel;
   (void)threads;
-  return static_cast<int64_t>(emulation::blocks_per_sm()) * num_sms();
+  (void)dynamic_smem;
+  return emulation::blocks_per_sm();
 #else
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
-  return static_cast<int64_t>(per_sm) * num_sms();
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads,
+                                                               static_cast<size_t>(dynamic_smem)));
+  return per_sm;
 #endif
+}
+
+// How many CTAs of `kernel` can be resident at once (a cooperative launch may not use more).
+template <typename K>
+int64_t resident_ctas(K kernel, int threads) {
+  return static_cast<int64_t>(resident_per_sm(kernel, threads, 0)) * num_sms();
 }
 
 // The narrowest channels-last tile column the grouped launch makes, in bytes of every row of one tensor:
@@ -1224,6 +1233,19 @@ __device__ __forceinline__ void wait_for_smem_copies() {
 #endif
 }
 
+// Emulation only: fails a thread of the whole-input form that walks past its cache slots (where the partial
+// form reads from global memory instead), which on a GPU would read another input's slots or past the cache.
+template <bool kPartial>
+__device__ __forceinline__ void check_cache_slots(int64_t next, int n, int64_t slots) {
+#ifdef BNX_CUDA_EMULATION
+  if (!kPartial && next + n > slots) emulation::Block::current()->report("cuda emulation: on-chip cache slots overrun");
+#else
+  (void)next;
+  (void)n;
+  (void)slots;
+#endif
+}
+
 // Copies the first `slots` vectors a thread walks in tile t (for_each_batch, as the ops see them) of each of
 // op's inputs into its cache slots, in walk order: all of them where the input fits, else (kPartial) as many
 // as fit.
@@ -1235,9 +1257,7 @@ __device__ __forceinline__ void fill_cache(const Plan& p, Tile t, const Op& op, 
   VecT* c = reinterpret_cast<VecT*>(cache);
   int64_t next = 0;
   for_each_batch<V, B, W>(p, t, [&](const int64_t* off, int n) {
-#ifdef BNX_CUDA_EMULATION
-    if (!kPartial && next + n > slots) emulation::Block::current()->report("cuda emulation: on-chip cache slots overrun");
-#endif
+    check_cache_slots<kPartial>(next, n, slots);
     if (kPartial && next >= slots) return;
 #pragma unroll
     for (int j = 0; j < Op::kInputs; ++j)
@@ -1275,9 +1295,7 @@ struct Cached {
   template <int V, int B>
   __device__ __forceinline__ void read(const int64_t* off, int n, Vec<scalar_type, V> (&in)[Op::kInputs][B]) const {
     using VecT = Vec<scalar_type, V>;
-#ifdef BNX_CUDA_EMULATION
-    if (!kPartial && next + n > slots) emulation::Block::current()->report("cuda emulation: on-chip cache slots overrun");
-#endif
+    check_cache_slots<kPartial>(next, n, slots);
     const VecT* c = reinterpret_cast<const VecT*>(cache);
 #pragma unroll
     for (int j = 0; j < Op::kInputs; ++j)
@@ -1471,16 +1489,7 @@ bool launch_on_chip(const Plan& sums, const SumOp& sop, const Fin& fin, const Ma
   const int64_t bytes_per_vector = kInputs * static_cast<int64_t>(sizeof(Vec<typename SumOp::scalar_type, V>));
   const int64_t static_smem = prepare_on_chip_kernels(kernel(true), kernel(false));
   const OnChipPlan o = choose_on_chip_plan(sums, bytes_per_vector, static_smem, [&](const OnChipPlan& candidate) {
-    int resident = 0;
-#ifdef BNX_CUDA_EMULATION
-    (void)candidate;
-    resident = emulation::blocks_per_sm();
-#else
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel(candidate.cached_all),
-                                                                 candidate.p.tx * candidate.p.ty,
-                                                                 static_cast<size_t>(candidate.smem_bytes)));
-#endif
-    return resident;
+    return resident_per_sm(kernel(candidate.cached_all), candidate.p.tx * candidate.p.ty, candidate.smem_bytes);
   });
   if (!o.fits) return false;
   const at::Tensor workspace = partial_workspace<acc_t>(o.p, like);
