@@ -73,15 +73,31 @@ struct ShiftSamples {
   int64_t offset[kShiftSamples];  // where each sample of channel 0 is; channel c's is c * channel_stride further
   int64_t channel_stride;
 
-  template <typename acc_t, typename scalar_t>
-  C10_HOST_DEVICE acc_t shift(const scalar_t* x, int64_t c) const {
+  // Channel c's samples as stored (load), and their median in acc_t (median_of): apart, so that a GPU
+  // finalize step can issue the loads early and use them later.
+  template <typename scalar_t>
+  struct Values {
+    scalar_t v[kShiftSamples];
+  };
+  template <typename scalar_t>
+  C10_HOST_DEVICE Values<scalar_t> load(const scalar_t* x, int64_t c) const {
     const int64_t base = c * channel_stride;
+    Values<scalar_t> s;
+    for (int k = 0; k < kShiftSamples; ++k) s.v[k] = x[base + offset[k]];
+    return s;
+  }
+  template <typename acc_t, typename scalar_t>
+  C10_HOST_DEVICE static acc_t median_of(const Values<scalar_t>& s) {
     acc_t v[kShiftSamples];
-    for (int k = 0; k < kShiftSamples; ++k) v[k] = static_cast<acc_t>(x[base + offset[k]]);
+    for (int k = 0; k < kShiftSamples; ++k) v[k] = static_cast<acc_t>(s.v[k]);
     // Median of five: the median of v[4] and two of v[0..3] that leave out their smallest and their largest.
     const acc_t lo = max_of(min_of(v[0], v[1]), min_of(v[2], v[3]));
     const acc_t hi = min_of(max_of(v[0], v[1]), max_of(v[2], v[3]));
     return max_of(min_of(lo, hi), min_of(max_of(lo, hi), v[4]));
+  }
+  template <typename acc_t, typename scalar_t>
+  C10_HOST_DEVICE acc_t shift(const scalar_t* x, int64_t c) const {
+    return median_of<acc_t>(load(x, c));
   }
 
  private:

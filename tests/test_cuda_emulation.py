@@ -436,6 +436,19 @@ def test_emulated_ops_over_split_counts(emu, monkeypatch, sms, dtype, l2_groups)
         _assert_matches_cpu_ops(emu, _inputs(shape, dtype, layout), dtype, f"{shape} {layout} ")
 
 
+@pytest.mark.parametrize("shape,layout", [((1200, 2, 16, 16), "nchw"), ((600, 8, 8, 8), "cl")], ids=["nchw", "cl"])
+def test_emulated_ops_over_many_splits(emu, monkeypatch, shape, layout):
+    """Channels split over 300 CTAs, more than one warp's deep loads cover at once (32 lanes x kReduceDepth =
+    256 splits a round in reduce_channel): the finalize kernel takes a full round and a partial one (a lane
+    whose second round has no split, one whose has a few), and must still add every split once."""
+    monkeypatch.setenv("BNX_EMULATED_SMS", "1000")
+    monkeypatch.setenv("BNX_CUDA_SUMS_PLAN", "8,1")  # one vector a thread at least: as many splits as rows allow
+    x = _tensor(shape, torch.float32, layout)
+    splits = emu.plan(x, "sums")[3]
+    assert 256 < splits < 320 and splits % 32 != 0, splits
+    _assert_matches_cpu_ops(emu, _inputs(shape, torch.float32, layout), torch.float32, f"{shape} {layout} ")
+
+
 # The on-chip launch (BNX_CUDA_ON_CHIP=1). Channels-last (64,32,16,16) fp32: one tile column of 8 lanes x 32
 # thread-rows; the emulation holds 2 CTAs per SM, so 16 CTAs on 8 SMs take 1024 rows each (32 vectors a
 # thread: 128 KiB of x, 256 KiB of x and dy), 8 on 8 SMs where only one CTA's share of an SM fits. Where

@@ -80,12 +80,24 @@ struct GradFinalize {
   acc_t* __restrict__ grad_bias;
   const acc_t* __restrict__ invstd;
 
-  __device__ void operator()(int64_t c, acc_t s1, acc_t s2) const {
+  // What finishing channel c reads besides its sums (invstd, for grad_weight): see MomentsFinalize::Loaded.
+  struct Loaded {
+    acc_t invstd = 0;
+  };
+  __device__ Loaded load(int64_t c) const {
+    Loaded l;
+    if (grad_weight != nullptr) l.invstd = invstd[c];
+    return l;
+  }
+
+  __device__ void finish(int64_t c, acc_t s1, acc_t s2, const Loaded& l) const {
     if (sum_dy != nullptr) sum_dy[c] = s1;
     if (sum_dy_xmu != nullptr) sum_dy_xmu[c] = s2;
-    if (grad_weight != nullptr) grad_weight[c] = s2 * invstd[c];
+    if (grad_weight != nullptr) grad_weight[c] = s2 * l.invstd;
     if (grad_bias != nullptr) grad_bias[c] = s1;
   }
+
+  __device__ void operator()(int64_t c, acc_t s1, acc_t s2) const { finish(c, s1, s2, load(c)); }
 };
 
 // dx = weight * invstd * (dy - sum_dy / M - (x - mean) * invstd^2 * sum_dy_xmu / M)

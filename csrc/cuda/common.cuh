@@ -695,35 +695,57 @@ __device__ void sum_tile(const Plan& p, Tile t, const Op& op, const Fin& fin, ac
   }
 }
 
+// Splits whose partial sums a lane loads before it adds any (see reduce_channel).
+constexpr int kReduceDepth = 8;
+
 // Adds the splits' partial sums of channel c in one warp (strided lane sums, then a fixed shuffle tree, so
-// the order never changes); every lane gets the totals.
+// the order never changes); every lane gets the totals. The sums come from L2, so what a channel costs is
+// round trips: each lane issues the loads of kReduceDepth of its splits before the first add (32 * 8 = 256
+// splits a round trip; the plans' split counts are mostly 100-400). The plain loop, one split an iteration,
+// ran up to three iterations one at a time and the rest four or sixteen at a time (sm_90 SASS): about four
+// round trips at 392 splits, two now. The adds keep their order, so the results are the same bit for bit.
 // kCoherent: load past L1 (partial sums that other CTAs of the same launch wrote).
 template <typename acc_t, bool kCoherent = false>
 __device__ __forceinline__ void reduce_channel(const acc_t* __restrict__ partial, int64_t splits, int64_t C, int64_t c,
                                                int lane, acc_t& a, acc_t& b) {
   a = 0;
   b = 0;
-  for (int64_t s = lane; s < splits; s += 32) {
-    const acc_t* v = partial + (s * C + c) * 2;
-    if constexpr (kCoherent) {
-      a += load_coherent(v);
-      b += load_coherent(v + 1);
-    } else {
-      a += v[0];
-      b += v[1];
+  for (int64_t s0 = lane; s0 < splits; s0 += 32 * kReduceDepth) {
+    acc_t va[kReduceDepth] = {}, vb[kReduceDepth] = {};
+#pragma unroll
+    for (int u = 0; u < kReduceDepth; ++u) {
+      const int64_t s = s0 + 32 * u;
+      if (s >= splits) continue;
+      const acc_t* v = partial + (s * C + c) * 2;
+      if constexpr (kCoherent) {
+        va[u] = load_coherent(v);
+        vb[u] = load_coherent(v + 1);
+      } else {
+        va[u] = v[0];
+        vb[u] = v[1];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kReduceDepth; ++u) {
+      if (s0 + 32 * u >= splits) break;
+      a += va[u];
+      b += vb[u];
     }
   }
   a = warp_sum(a);
   b = warp_sum(b);
 }
 
-// reduce_channel, then fin from lane 0.
+// reduce_channel, then fin from lane 0, which loads what fin reads besides the sums (fin.load) first, so
+// that those loads are in flight with the partial sums' (fin.finish uses them).
 template <bool kCoherent = false, typename acc_t, typename Fin>
 __device__ __forceinline__ void finalize_channel(const acc_t* __restrict__ partial, int64_t splits, int64_t C,
                                                  int64_t c, int lane, const Fin& fin) {
+  typename Fin::Loaded loaded;
+  if (lane == 0) loaded = fin.load(c);
   acc_t a, b;
   reduce_channel<acc_t, kCoherent>(partial, splits, C, c, lane, a, b);
-  if (lane == 0) fin(c, a, b);
+  if (lane == 0) fin.finish(c, a, b, loaded);
 }
 
 // The two halves of a programmatic dependent launch (see pdl_enabled), called first thing by every bnx kernel

@@ -72,8 +72,28 @@ struct MomentsFinalize {
   acc_t* __restrict__ running_mean;
   acc_t* __restrict__ running_var;
 
-  __device__ void operator()(int64_t c, acc_t s1, acc_t s2) const {
-    const acc_t shift = samples.shift<acc_t>(x, c);
+  // What finishing channel c reads besides its sums, as loaded: the shift's samples, the running statistics
+  // and num_batches_tracked. finalize_channel loads them before it adds the partial sums and uses them after,
+  // so that these loads (the samples are scattered over x, likely evicted from L2 by then) overlap the
+  // sums' instead of following them (sm_90 SASS: three dependent round trips after the sums before).
+  struct Loaded {
+    ShiftSamples::Values<scalar_t> samples;
+    acc_t running_mean = 0, running_var = 0;
+    int64_t num_batches_tracked = 1;
+  };
+  __device__ Loaded load(int64_t c) const {
+    Loaded l;
+    l.samples = samples.load(x, c);
+    if (running_mean != nullptr) {
+      l.running_mean = running_mean[c];
+      l.running_var = running_var[c];
+      if (num_batches_tracked != nullptr) l.num_batches_tracked = *num_batches_tracked;
+    }
+    return l;
+  }
+
+  __device__ void finish(int64_t c, acc_t s1, acc_t s2, const Loaded& l) const {
+    const acc_t shift = ShiftSamples::median_of<acc_t>(l.samples);
     const acc_t n = static_cast<acc_t>(count);
     const acc_t d = s1 / n;
     const acc_t var = ::max(s2 / n - d * d, acc_t(0));
@@ -81,14 +101,15 @@ struct MomentsFinalize {
     mean[c] = m;
     invstd[c] = acc_t(1) / ::sqrt(var + static_cast<acc_t>(eps));
     if (running_mean != nullptr) {
-      const acc_t f = num_batches_tracked != nullptr
-                          ? acc_t(1) / static_cast<acc_t>(*num_batches_tracked)
-                          : static_cast<acc_t>(momentum);
+      const acc_t f = num_batches_tracked != nullptr ? acc_t(1) / static_cast<acc_t>(l.num_batches_tracked)
+                                                     : static_cast<acc_t>(momentum);
       const acc_t unbiased = var * n / (n - acc_t(1));
-      running_mean[c] = (acc_t(1) - f) * running_mean[c] + f * m;
-      running_var[c] = (acc_t(1) - f) * running_var[c] + f * unbiased;
+      running_mean[c] = (acc_t(1) - f) * l.running_mean + f * m;
+      running_var[c] = (acc_t(1) - f) * l.running_var + f * unbiased;
     }
   }
+
+  __device__ void operator()(int64_t c, acc_t s1, acc_t s2) const { finish(c, s1, s2, load(c)); }
 };
 
 // y = (x - mean) * (weight * invstd) + bias; with scale_is_var, invstd = 1 / sqrt(scale + eps).
