@@ -25,13 +25,22 @@ struct GradSumsOp {
 
   template <int V>
   __device__ Coef<acc_t, V> coef(const Lanes<V>& lanes) const {
-    const bool active = lanes.active;
     Coef<acc_t, V> k;
+    if (!lanes.active) {
 #pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const int64_t c = lanes.c[i];
-      k.a[i] = active ? mean[c] : acc_t(0);
-      k.b[i] = (kWriteDx && active) ? (weight != nullptr ? weight[c] : acc_t(1)) * invstd[c] : acc_t(0);
+      for (int i = 0; i < V; ++i) k.a[i] = k.b[i] = acc_t(0);
+      return k;
+    }
+    gather(mean, lanes, acc_t(0), k.a);
+    if constexpr (kWriteDx) {
+      acc_t w[V], is[V];
+      gather(weight, lanes, acc_t(1), w);
+      gather(invstd, lanes, acc_t(0), is);
+#pragma unroll
+      for (int i = 0; i < V; ++i) k.b[i] = w[i] * is[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) k.b[i] = acc_t(0);
     }
     return k;
   }
@@ -116,21 +125,24 @@ struct BatchGradInputOp {
 
   template <int V>
   __device__ Coef<acc_t, V> coef(const Lanes<V>& lanes) const {
-    const bool active = lanes.active;
     Coef<acc_t, V> k;
+    if (!lanes.active) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) k.a[i] = k.b[i] = k.c[i] = k.d[i] = acc_t(0);
+      return k;
+    }
+    acc_t is[V], w[V], sxmu[V], sdy[V];
+    gather(invstd, lanes, acc_t(0), is);
+    gather(weight, lanes, acc_t(1), w);
+    gather(sum_dy_xmu, lanes, acc_t(0), sxmu);
+    gather(sum_dy, lanes, acc_t(0), sdy);
+    gather(mean, lanes, acc_t(0), k.d);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const int64_t c = lanes.c[i];
-      if (!active) {
-        k.a[i] = k.b[i] = k.c[i] = k.d[i] = acc_t(0);
-        continue;
-      }
-      const acc_t is = invstd[c];
-      const acc_t gain = (weight != nullptr ? weight[c] : acc_t(1)) * is;
+      const acc_t gain = w[i] * is[i];
       k.a[i] = gain;
-      k.b[i] = -gain * is * is * sum_dy_xmu[c] * inv_count;
-      k.c[i] = -gain * sum_dy[c] * inv_count;
-      k.d[i] = mean[c];
+      k.b[i] = -gain * is[i] * is[i] * sxmu[i] * inv_count;
+      k.c[i] = -gain * sdy[i] * inv_count;
     }
     return k;
   }
@@ -202,13 +214,17 @@ struct FrozenGradInputOp {
 
   template <int V>
   __device__ Coef<acc_t, V> coef(const Lanes<V>& lanes) const {
-    const bool active = lanes.active;
     Coef<acc_t, V> k;
+    if (!lanes.active) {
 #pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const int64_t c = lanes.c[i];
-      k.a[i] = active ? (weight != nullptr ? weight[c] : acc_t(1)) * invstd[c] : acc_t(0);
+      for (int i = 0; i < V; ++i) k.a[i] = acc_t(0);
+      return k;
     }
+    acc_t w[V], is[V];
+    gather(weight, lanes, acc_t(1), w);
+    gather(invstd, lanes, acc_t(0), is);
+#pragma unroll
+    for (int i = 0; i < V; ++i) k.a[i] = w[i] * is[i];
     return k;
   }
 

@@ -552,6 +552,22 @@ struct Lanes {
   bool active;
 };
 
+// An active thread's values of a per-channel array at its lanes' channels (`fallback` where the array is
+// absent). Ops' coef gathers every array it needs first and computes after: coefficients loaded and used
+// channel by channel wait for one load after another before a CTA's first streaming load (sm_90 SASS: the
+// statistics' shift, five samples a channel, cost V round trips in a row in channels-last, and the
+// normalize's coefficients were loaded channel by channel too).
+template <int V, typename acc_t>
+__device__ __forceinline__ void gather(const acc_t* values, const Lanes<V>& lanes, acc_t fallback, acc_t (&out)[V]) {
+  if (values == nullptr) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) out[i] = fallback;
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = values[lanes.c[i]];
+}
+
 template <int V, int W>
 __device__ __forceinline__ Lanes<V> lanes_of(const Plan& p, Tile t) {
   Lanes<V> l;

@@ -18,13 +18,18 @@ struct ShiftedMomentsOp {
 
   template <int V>
   __device__ Coef<acc_t, V> coef(const Lanes<V>& lanes) const {
-    const bool active = lanes.active;
     Coef<acc_t, V> k;
+    if (!lanes.active) {
 #pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const int64_t c = lanes.c[i];
-      k.a[i] = active ? samples.shift<acc_t>(x, c) : acc_t(0);
+      for (int i = 0; i < V; ++i) k.a[i] = acc_t(0);
+      return k;
     }
+    // Every lane's samples first, then the medians (see gather).
+    ShiftSamples::Values<scalar_t> s[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) s[i] = samples.load(x, lanes.c[i]);
+#pragma unroll
+    for (int i = 0; i < V; ++i) k.a[i] = ShiftSamples::median_of<acc_t>(s[i]);
     return k;
   }
 
@@ -127,20 +132,19 @@ struct AffineOp {
 
   template <int V>
   __device__ Coef<acc_t, V> coef(const Lanes<V>& lanes) const {
-    const bool active = lanes.active;
     Coef<acc_t, V> k;
+    if (!lanes.active) {
 #pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const int64_t c = lanes.c[i];
-      if (!active) {
-        k.a[i] = k.b[i] = k.c[i] = acc_t(0);
-        continue;
-      }
-      const acc_t invstd = scale_is_var ? acc_t(1) / ::sqrt(scale[c] + eps) : scale[c];
-      k.a[i] = mean[c];
-      k.b[i] = (weight != nullptr ? weight[c] : acc_t(1)) * invstd;
-      k.c[i] = bias != nullptr ? bias[c] : acc_t(0);
+      for (int i = 0; i < V; ++i) k.a[i] = k.b[i] = k.c[i] = acc_t(0);
+      return k;
     }
+    acc_t s[V], w[V];
+    gather(mean, lanes, acc_t(0), k.a);
+    gather(scale, lanes, acc_t(0), s);
+    gather(weight, lanes, acc_t(1), w);
+    gather(bias, lanes, acc_t(0), k.c);
+#pragma unroll
+    for (int i = 0; i < V; ++i) k.b[i] = w[i] * (scale_is_var ? acc_t(1) / ::sqrt(s[i] + eps) : s[i]);
     return k;
   }
 
