@@ -25,12 +25,8 @@ struct GradSumsOp {
 
   template <int V>
   __device__ Coef<acc_t, V> coef(const Lanes<V>& lanes) const {
+    if (!lanes.active) return {};  // no channel: zero coefficients
     Coef<acc_t, V> k;
-    if (!lanes.active) {
-#pragma unroll
-      for (int i = 0; i < V; ++i) k.a[i] = k.b[i] = acc_t(0);
-      return k;
-    }
     gather(mean, lanes, acc_t(0), k.a);
     if constexpr (kWriteDx) {
       acc_t w[V], is[V];
@@ -125,12 +121,8 @@ struct BatchGradInputOp {
 
   template <int V>
   __device__ Coef<acc_t, V> coef(const Lanes<V>& lanes) const {
+    if (!lanes.active) return {};  // no channel: zero coefficients
     Coef<acc_t, V> k;
-    if (!lanes.active) {
-#pragma unroll
-      for (int i = 0; i < V; ++i) k.a[i] = k.b[i] = k.c[i] = k.d[i] = acc_t(0);
-      return k;
-    }
     acc_t is[V], w[V], sxmu[V], sdy[V];
     gather(invstd, lanes, acc_t(0), is);
     gather(weight, lanes, acc_t(1), w);
@@ -214,12 +206,8 @@ struct FrozenGradInputOp {
 
   template <int V>
   __device__ Coef<acc_t, V> coef(const Lanes<V>& lanes) const {
+    if (!lanes.active) return {};  // no channel: zero coefficients
     Coef<acc_t, V> k;
-    if (!lanes.active) {
-#pragma unroll
-      for (int i = 0; i < V; ++i) k.a[i] = acc_t(0);
-      return k;
-    }
     acc_t w[V], is[V];
     gather(weight, lanes, acc_t(1), w);
     gather(invstd, lanes, acc_t(0), is);

@@ -18,12 +18,8 @@ struct ShiftedMomentsOp {
 
   template <int V>
   __device__ Coef<acc_t, V> coef(const Lanes<V>& lanes) const {
+    if (!lanes.active) return {};  // no channel: zero coefficients
     Coef<acc_t, V> k;
-    if (!lanes.active) {
-#pragma unroll
-      for (int i = 0; i < V; ++i) k.a[i] = acc_t(0);
-      return k;
-    }
     // Every lane's samples first, then the medians (see gather).
     ShiftSamples::Values<scalar_t> s[V];
 #pragma unroll
@@ -132,12 +128,8 @@ struct AffineOp {
 
   template <int V>
   __device__ Coef<acc_t, V> coef(const Lanes<V>& lanes) const {
+    if (!lanes.active) return {};  // no channel: zero coefficients
     Coef<acc_t, V> k;
-    if (!lanes.active) {
-#pragma unroll
-      for (int i = 0; i < V; ++i) k.a[i] = k.b[i] = k.c[i] = acc_t(0);
-      return k;
-    }
     acc_t s[V], w[V];
     gather(mean, lanes, acc_t(0), k.a);
     gather(scale, lanes, acc_t(0), s);
