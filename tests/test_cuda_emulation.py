@@ -338,7 +338,8 @@ SHAPES = [
     ((4, 24, 5, 5), "cl"),        # channels-last rows, 16-byte vectors
     ((3, 7, 4, 4), "cl"),         # channels-last rows, scalar
     ((6, 10), "nchw"),            # (N, C): rows
-    ((3, 8, 7), "nchw"),          # 3-D planes
+    ((3, 8, 7), "nchw"),          # 3-D planes; S = 7 = V - 1 in bf16: a vector's lanes span two channels
+    ((4, 8, 3), "nchw"),          # S = 3 = V - 1 in fp32 (two channels a vector), S < V - 1 in bf16 (up to four)
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 

@@ -550,6 +550,9 @@ template <int V>
 struct Lanes {
   int64_t c[V];
   bool active;
+  // Plane groups with planes of at least V - 1 elements: a thread's V consecutive elements cross at most one
+  // plane boundary, so the lanes cover at most two channels, c[0] and then c[V - 1] (see coef_of).
+  bool two_channels;
 };
 
 // An active thread's values of a per-channel array at its lanes' channels (`fallback` where the array is
@@ -572,6 +575,7 @@ template <int V, int W>
 __device__ __forceinline__ Lanes<V> lanes_of(const Plan& p, Tile t) {
   Lanes<V> l;
   l.active = true;
+  l.two_channels = W == kPlaneGroups && V > 2 && p.S >= V - 1;
   if (W == kRows) {
     const int64_t cv = t.x * blockDim.x + threadIdx.x;
     l.active = cv < p.vecs_per_row;
@@ -586,6 +590,34 @@ __device__ __forceinline__ Lanes<V> lanes_of(const Plan& p, Tile t) {
     for (int i = 0; i < V; ++i) l.c[i] = t.x;
   }
   return l;
+}
+
+// An op's coefficients for a thread's lanes. Where the lanes cover two channels (plane groups with S >= V - 1:
+// 7x7, 14x14), the op computes them for those two and each lane takes its channel's: two loads of each array
+// instead of V (by ptxas, the bf16 plane-groups normalize gathering 4 arrays for 8 lanes held 70 registers).
+template <typename acc_t, int V, typename Op>
+__device__ __forceinline__ Coef<acc_t, V> coef_of(const Op& op, const Lanes<V>& lanes) {
+  if constexpr (V > 2) {
+    if (lanes.two_channels) {
+      Lanes<2> ends;
+      ends.c[0] = lanes.c[0];
+      ends.c[1] = lanes.c[V - 1];
+      ends.active = lanes.active;
+      ends.two_channels = false;
+      const Coef<acc_t, 2> k2 = op.template coef<2>(ends);
+      Coef<acc_t, V> k;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const bool second = lanes.c[i] != lanes.c[0];  // a select, not an index: k2 stays in registers
+        k.a[i] = second ? k2.a[1] : k2.a[0];
+        k.b[i] = second ? k2.b[1] : k2.b[0];
+        k.c[i] = second ? k2.c[1] : k2.c[0];
+        k.d[i] = second ? k2.d[1] : k2.d[0];
+      }
+      return k;
+    }
+  }
+  return op.template coef<V>(lanes);
 }
 
 // A load that bypasses L1 (which is not coherent across SMs): for what other CTAs of the same launch wrote.
@@ -611,7 +643,7 @@ template <typename acc_t, int V, int W, typename Op, typename Fin>
 __device__ void sum_tile(const Plan& p, Tile t, const Op& op, const Fin& fin, acc_t* __restrict__ partial) {
   __shared__ acc_t smem[kThreads * V * 2];
   const Lanes<V> lanes = lanes_of<V, W>(p, t);
-  const Coef<acc_t, V> k = op.template coef<V>(lanes);
+  const Coef<acc_t, V> k = coef_of<acc_t>(op, lanes);
   acc_t s1[V], s2[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) s1[i] = s2[i] = acc_t(0);
@@ -806,7 +838,7 @@ __global__ void __launch_bounds__(kThreads) channel_sums_kernel(Plan p, Op op, F
 
 template <typename acc_t, int V, int W, typename Op>
 __device__ __forceinline__ void map_tile(const Plan& p, Tile t, const Op& op) {
-  const Coef<acc_t, V> k = op.template coef<V>(lanes_of<V, W>(p, t));
+  const Coef<acc_t, V> k = coef_of<acc_t>(op, lanes_of<V, W>(p, t));
   constexpr int B = batch_depth<typename Op::scalar_type, V>();
   for_each_batch<V, B, W>(p, t, [&](const int64_t* off, int n) { op.template apply<V, B>(off, n, k); });
 }
