@@ -979,8 +979,11 @@ __device__ __forceinline__ void map_group_finishing_locally(const Plan& p, int64
         acc_t s1, s2;
         reduce_channel(partial, p.splits, p.C, c, lane, s1, s2);
         if (lane == 0) {
-          local_fin(c, s1, s2);
-          if (t.y == 0) fin(c, s1, s2);
+          // One load of what finishing reads for both finishes (fin's covers local_fin's), after the sums:
+          // loaded before them, it held registers through the sums (fp32 80 -> 99).
+          const typename Fin::Loaded loaded = t.y == 0 ? fin.load(c) : local_fin.load(c);
+          local_fin.finish(c, s1, s2, loaded);
+          if (t.y == 0) fin.finish(c, s1, s2, loaded);
         }
       }
     });
