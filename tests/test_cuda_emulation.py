@@ -139,6 +139,10 @@ PLAN_CASES = [
     ((4, 16, 14, 14), torch.float32, "nchw", "1", (KPLANES, 4)),    # 16-byte vectors divide the plane
     ((4, 12, 7, 7), torch.bfloat16, "nchw", "1", (KPLANES, 1)),     # C not a multiple of 8
     ((4, 16, 17, 17), torch.bfloat16, "nchw", "1", (KPLANES, 1)),   # plane over 256 elements
+    ((4, 16, 7), torch.bfloat16, "nchw", "1", (KGROUPS, 8)),        # S = 7 = V - 1: a vector spans two planes
+    ((4, 16, 1, 5), torch.bfloat16, "nchw", "1", (KPLANES, 1)),     # S = 5 < V - 1: it would span three
+    ((4, 16, 3), torch.float32, "nchw", "1", (KGROUPS, 4)),         # S = 3 = V - 1
+    ((4, 16, 2), torch.float32, "nchw", "1", (KPLANES, 2)),         # S = 2 < V - 1
     ((4, 16, 7, 7), torch.bfloat16, "cl", "1", (KROWS, 8)),
     ((6, 16), torch.float32, "nchw", "1", (KROWS, 4)),
 ]
@@ -149,8 +153,9 @@ PLAN_CASES = [
                               for c in PLAN_CASES])
 def test_plan_picks_the_walk(emu, monkeypatch, shape, dtype, layout, groups, expected):
     """The ops' launch plan: plane groups (unless BNX_CUDA_PLANE_GROUPS=0) exactly where NCHW planes get no
-    16-byte vector and the group conditions hold (C a multiple of V, plane <= 256 elements); the CTA covers
-    the group's S vectors with kThreads // S batch entries at a time and one CTA per V channels."""
+    16-byte vector and the group conditions hold (C a multiple of V, V - 1 <= plane <= 256 elements, so that
+    a vector's lanes lie in at most two channels); the CTA covers the group's S vectors with kThreads // S
+    batch entries at a time and one CTA per V channels."""
     if groups is None:
         monkeypatch.delenv("BNX_CUDA_PLANE_GROUPS", raising=False)
     else:
@@ -330,7 +335,7 @@ def test_emulated_grouped_ops_on_narrowed_channels_last_columns(emu, monkeypatch
 SHAPES = [
     ((5, 16, 7, 7), "nchw"),      # plane groups (any dtype)
     ((3, 8, 3, 3), "nchw"),       # S = 9: groups in bf16 (a vector spans two planes) and fp32/fp64
-    ((3, 16, 1, 5), "nchw"),      # S = 5 < V in bf16: a vector spans up to three planes
+    ((3, 16, 1, 5), "nchw"),      # S = 5: groups in fp32 (a vector spans two planes); planes in bf16 (S < V - 1)
     ((2, 16, 14, 14), "nchw"),    # groups in bf16 only (S = 196)
     ((2, 8, 3, 3, 3), "nchw"),    # 5-D, S = 27
     ((4, 6, 4, 4), "nchw"),       # 16-byte plane vectors
@@ -339,7 +344,7 @@ SHAPES = [
     ((3, 7, 4, 4), "cl"),         # channels-last rows, scalar
     ((6, 10), "nchw"),            # (N, C): rows
     ((3, 8, 7), "nchw"),          # 3-D planes; S = 7 = V - 1 in bf16: a vector's lanes span two channels
-    ((4, 8, 3), "nchw"),          # S = 3 = V - 1 in fp32 (two channels a vector), S < V - 1 in bf16 (up to four)
+    ((4, 8, 3), "nchw"),          # S = 3 = V - 1 in fp32: groups, two channels a vector; planes in bf16
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 

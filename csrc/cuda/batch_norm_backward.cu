@@ -45,8 +45,8 @@ struct GradSumsOp {
   static constexpr int kInputs = 2;
   __host__ __device__ const scalar_t* input(int j) const { return j == 0 ? x : dy; }
 
-  template <int V, int B>
-  __device__ __forceinline__ void accumulate(const int64_t* off, int n, const Coef<acc_t, V>& k, acc_t* s1,
+  template <int V, int B, typename K>
+  __device__ __forceinline__ void accumulate(const int64_t* off, int n, const K& k, acc_t* s1,
                                              acc_t* s2) const {
     Vec<scalar_t, V> in[kInputs][B];
     load_batch<V, B>(x, off, n, in[0]);
@@ -55,9 +55,9 @@ struct GradSumsOp {
   }
 
   // accumulate on vectors already loaded (in[0]: x, in[1]: dy, at off).
-  template <int V, int B>
+  template <int V, int B, typename K>
   __device__ __forceinline__ void accumulate_loaded(const int64_t* off, const Vec<scalar_t, V> (&in)[kInputs][B], int n,
-                                                    const Coef<acc_t, V>& k, acc_t* s1, acc_t* s2) const {
+                                                    const K& k, acc_t* s1, acc_t* s2) const {
     const Vec<scalar_t, V>* xv = in[0];
     const Vec<scalar_t, V>* gv = in[1];
 #pragma unroll

@@ -174,9 +174,10 @@ struct Coef {
 //  - kPlanes: NCHW; a CTA owns one channel, its threads walk vectors of that channel's planes.
 //  - kRows: channels-last rows; a thread owns V adjacent channels and walks rows.
 //  - kPlaneGroups: NCHW whose plane size S no 16-byte vector divides (7x7; 14x14 in 16-bit types), which
-//    kPlanes could only walk with narrow or scalar loads. A CTA owns V adjacent channels: in each batch entry
-//    their planes are V * S contiguous elements, S 16-byte vectors, and thread x owns vector x of every batch
-//    entry, so its lanes' channels ((x * V + lane) / S) are fixed and its coefficients stay in registers.
+//    kPlanes could only walk with narrow or scalar loads, and S >= V - 1 (see Lanes::split). A CTA owns V
+//    adjacent channels: in each batch entry their planes are V * S contiguous elements, S 16-byte vectors, and
+//    thread x owns vector x of every batch entry, so its lanes' channels ((x * V + lane) / S) are fixed and
+//    its coefficients stay in registers.
 //    On by default: on an H100 it took bf16 (256,2048,7,7) training forward + backward from 330 to 199 us and
 //    left every other shape as it was (BNX_CUDA_PLANE_GROUPS=0 turns it off, for comparison).
 //  - kPlaneSegments: kPlanes where a channel has fewer batch entries than the splits a plan wants: the planes
@@ -339,7 +340,9 @@ inline Access choose_access(const Layout& L, int64_t element_size, std::initiali
     }
   }
   const int64_t v16 = 16 / element_size;
-  if (L.channels_last || a.V >= v16 || v16 < 2 || L.inner > kThreads || L.C % v16 != 0 || env_is("BNX_CUDA_PLANE_GROUPS", "0"))
+  // Planes of at least v16 - 1 elements: a vector's lanes then lie in at most two channels (Lanes::split).
+  if (L.channels_last || a.V >= v16 || v16 < 2 || L.inner > kThreads || L.inner < v16 - 1 || L.C % v16 != 0 ||
+      env_is("BNX_CUDA_PLANE_GROUPS", "0"))
     return a;
   for (const void* p : ptrs)
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return a;
@@ -375,6 +378,7 @@ inline Plan make_plan(const Layout& L, Access a, int ctas_per_sm, int min_vecs_p
   } else if (a.walk == kPlaneGroups) {
     // One thread per vector of a batch entry's run of V planes (S <= kThreads), kThreads / S batch entries
     // at a time.
+    TORCH_INTERNAL_ASSERT(L.inner >= a.V - 1, "bnx: plane groups need planes of at least V - 1 elements");
     p.rows = L.N;
     p.vecs_per_row = L.inner;
     p.tx = static_cast<int>(L.inner);
@@ -550,9 +554,11 @@ template <int V>
 struct Lanes {
   int64_t c[V];
   bool active;
-  // Plane groups with planes of at least V - 1 elements: a thread's V consecutive elements cross at most one
-  // plane boundary, so the lanes cover at most two channels, c[0] and then c[V - 1] (see coef_of).
+  // Plane groups (planes of at least V - 1 elements, see choose_access): a thread's V consecutive elements
+  // cross at most one plane boundary, so the lanes cover at most two channels, c[0] and then c[V - 1]:
+  // lanes [0, split) lie in c[0] (split is V elsewhere). See coef_of and sum_coef_of.
   bool two_channels;
+  int split;
 };
 
 // An active thread's values of a per-channel array at its lanes' channels (`fallback` where the array is
@@ -576,6 +582,7 @@ __device__ __forceinline__ Lanes<V> lanes_of(const Plan& p, Tile t) {
   Lanes<V> l;
   l.active = true;
   l.two_channels = W == kPlaneGroups && V > 2 && p.S >= V - 1;
+  l.split = V;
   if (W == kRows) {
     const int64_t cv = t.x * blockDim.x + threadIdx.x;
     l.active = cv < p.vecs_per_row;
@@ -585,6 +592,7 @@ __device__ __forceinline__ Lanes<V> lanes_of(const Plan& p, Tile t) {
     // Element x * V + i of the run of V planes lies in plane (x * V + i) / S of the group.
 #pragma unroll
     for (int i = 0; i < V; ++i) l.c[i] = t.x * V + (static_cast<int64_t>(threadIdx.x) * V + i) / p.S;
+    l.split = static_cast<int>(::min(static_cast<int64_t>(V), p.S - static_cast<int64_t>(threadIdx.x) * V % p.S));
   } else {
 #pragma unroll
     for (int i = 0; i < V; ++i) l.c[i] = t.x;
@@ -592,19 +600,28 @@ __device__ __forceinline__ Lanes<V> lanes_of(const Plan& p, Tile t) {
   return l;
 }
 
-// An op's coefficients for a thread's lanes. Where the lanes cover two channels (plane groups with S >= V - 1:
-// 7x7, 14x14), the op computes them for those two and each lane takes its channel's: two loads of each array
-// instead of V (by ptxas, the bf16 plane-groups normalize gathering 4 arrays for 8 lanes held 70 registers).
+// The op's coefficients for two channels: a plane-groups thread's c[0] and c[V - 1] (see Lanes::split).
+template <typename acc_t, int V, typename Op>
+__device__ __forceinline__ Coef<acc_t, 2> coef_of_ends(const Op& op, const Lanes<V>& lanes) {
+  Lanes<2> ends;
+  ends.c[0] = lanes.c[0];
+  ends.c[1] = lanes.c[V - 1];
+  ends.active = lanes.active;
+  ends.two_channels = false;
+  ends.split = 1;
+  return op.template coef<2>(ends);
+}
+
+// An op's coefficients for a thread's lanes, for a map pass. Where the lanes cover two channels (plane
+// groups), the op computes the two channels' and each lane takes its own: two loads of each array instead of
+// V (by ptxas, the bf16 plane-groups normalize gathering 4 arrays for 8 lanes held 70 registers). The test
+// stays a run-time one although every plane-groups plan passes it now (choose_access): by ptxas (sm_90),
+// the bf16 normalize holds 64 registers so, 70 with the test made at compile time.
 template <typename acc_t, int V, typename Op>
 __device__ __forceinline__ Coef<acc_t, V> coef_of(const Op& op, const Lanes<V>& lanes) {
   if constexpr (V > 2) {
     if (lanes.two_channels) {
-      Lanes<2> ends;
-      ends.c[0] = lanes.c[0];
-      ends.c[1] = lanes.c[V - 1];
-      ends.active = lanes.active;
-      ends.two_channels = false;
-      const Coef<acc_t, 2> k2 = op.template coef<2>(ends);
+      const Coef<acc_t, 2> k2 = coef_of_ends<acc_t>(op, lanes);
       Coef<acc_t, V> k;
 #pragma unroll
       for (int i = 0; i < V; ++i) {
@@ -618,6 +635,54 @@ __device__ __forceinline__ Coef<acc_t, V> coef_of(const Op& op, const Lanes<V>& 
     }
   }
   return op.template coef<V>(lanes);
+}
+
+// A coefficient of a plane-groups thread in the sums passes, kept as its two channels' values: lane i takes
+// `first` below `split`, else `second`, chosen where it is used (ops index it as they index Coef's arrays).
+template <typename acc_t>
+struct TwoChannelValue {
+  acc_t first, second;
+  int split;
+  __device__ __forceinline__ acc_t operator[](int i) const { return i < split ? first : second; }
+};
+template <typename acc_t>
+struct TwoChannelCoef {
+  TwoChannelValue<acc_t> a, b, c, d;
+};
+
+// An op's coefficients for a sums pass: in plane groups (V > 2) two channels' values, selected per use.
+// By ptxas (sm_90), the bf16/fp16 plane-groups gradient sums hold 78/80 registers this way against 90
+// with V-wide arrays (3 CTAs per SM, not 2), and the bf16 statistics 56 against 64; the map passes, whose
+// ops use up to four coefficients an element, hold more this way (bf16 normalize 64 -> 70), so coef_of keeps
+// them V-wide.
+template <typename acc_t, int V, int W, typename Op>
+__device__ __forceinline__ auto sum_coef_of(const Op& op, const Lanes<V>& lanes) {
+  if constexpr (W == kPlaneGroups && V > 2) {
+    const Coef<acc_t, 2> k2 = coef_of_ends<acc_t>(op, lanes);
+    const int sp = lanes.split;
+    return TwoChannelCoef<acc_t>{{k2.a[0], k2.a[1], sp}, {k2.b[0], k2.b[1], sp}, {k2.c[0], k2.c[1], sp},
+                                 {k2.d[0], k2.d[1], sp}};
+  } else {
+    return op.template coef<V>(lanes);
+  }
+}
+
+// k for one batch of a sums pass. The two-channel form's split is passed through an empty asm, which the
+// compiler must assume changes it: otherwise it hoists the per-lane selects out of the loop, and the V-wide
+// arrays are back in registers (ptxas: 90 registers, as before).
+template <typename K>
+__device__ __forceinline__ const K& per_batch(const K& k) {
+  return k;
+}
+template <typename acc_t>
+__device__ __forceinline__ TwoChannelCoef<acc_t> per_batch(const TwoChannelCoef<acc_t>& k) {
+  int split = k.a.split;
+#if defined(__CUDA_ARCH__)
+  asm volatile("" : "+r"(split));
+#endif
+  TwoChannelCoef<acc_t> f = k;
+  f.a.split = f.b.split = f.c.split = f.d.split = split;
+  return f;
 }
 
 // A load that bypasses L1 (which is not coherent across SMs): for what other CTAs of the same launch wrote.
@@ -643,12 +708,14 @@ template <typename acc_t, int V, int W, typename Op, typename Fin>
 __device__ void sum_tile(const Plan& p, Tile t, const Op& op, const Fin& fin, acc_t* __restrict__ partial) {
   __shared__ acc_t smem[kThreads * V * 2];
   const Lanes<V> lanes = lanes_of<V, W>(p, t);
-  const Coef<acc_t, V> k = coef_of<acc_t>(op, lanes);
+  const auto k = sum_coef_of<acc_t, V, W>(op, lanes);
   acc_t s1[V], s2[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) s1[i] = s2[i] = acc_t(0);
   constexpr int B = batch_depth<typename Op::scalar_type, V>();
-  for_each_batch<V, B, W>(p, t, [&](const int64_t* off, int n) { op.template accumulate<V, B>(off, n, k, s1, s2); });
+  for_each_batch<V, B, W>(p, t, [&](const int64_t* off, int n) {
+    op.template accumulate<V, B>(off, n, per_batch(k), s1, s2);
+  });
 
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   auto emit = [&](int64_t c, acc_t a, acc_t b) {

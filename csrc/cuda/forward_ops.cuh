@@ -33,17 +33,17 @@ struct ShiftedMomentsOp {
   static constexpr int kInputs = 1;
   __host__ __device__ const scalar_t* input(int) const { return x; }
 
-  template <int V, int B>
-  __device__ __forceinline__ void accumulate(const int64_t* off, int n, const Coef<acc_t, V>& k, acc_t* s1,
+  template <int V, int B, typename K>
+  __device__ __forceinline__ void accumulate(const int64_t* off, int n, const K& k, acc_t* s1,
                                              acc_t* s2) const {
     Vec<scalar_t, V> in[kInputs][B];
     load_batch<V, B>(x, off, n, in[0]);
     accumulate_loaded<V, B>(off, in, n, k, s1, s2);
   }
 
-  template <int V, int B>
+  template <int V, int B, typename K>
   __device__ __forceinline__ void accumulate_loaded(const int64_t* /*off*/, const Vec<scalar_t, V> (&in)[kInputs][B],
-                                                    int n, const Coef<acc_t, V>& k, acc_t* s1, acc_t* s2) const {
+                                                    int n, const K& k, acc_t* s1, acc_t* s2) const {
     const Vec<scalar_t, V>* v = in[0];
 #pragma unroll
     for (int u = 0; u < B; ++u) {
