@@ -346,7 +346,7 @@ SHAPES = [
     ((3, 8, 7), "nchw"),          # 3-D planes; S = 7 = V - 1 in bf16: a vector's lanes span two channels
     ((4, 8, 3), "nchw"),          # S = 3 = V - 1 in fp32: groups, two channels a vector; planes in bf16
 ]
-DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+DTYPES = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
 
 
 def _run_all(ops, x, dy, w, b, rm, rv, nbt):
