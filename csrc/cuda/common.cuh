@@ -556,7 +556,7 @@ struct Lanes {
   bool active;
   // Plane groups (planes of at least V - 1 elements, see choose_access): a thread's V consecutive elements
   // cross at most one plane boundary, so the lanes cover at most two channels, c[0] and then c[V - 1]:
-  // lanes [0, split) lie in c[0] (split is V elsewhere). See coef_of and sum_coef_of.
+  // lanes [0, split) lie in c[0] (split is V elsewhere). coef_of and sum_coef_of both select by split.
   bool two_channels;
   int split;
 };
@@ -625,7 +625,7 @@ __device__ __forceinline__ Coef<acc_t, V> coef_of(const Op& op, const Lanes<V>& 
       Coef<acc_t, V> k;
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        const bool second = lanes.c[i] != lanes.c[0];  // a select, not an index: k2 stays in registers
+        const bool second = i >= lanes.split;  // a select, not an index: k2 stays in registers
         k.a[i] = second ? k2.a[1] : k2.a[0];
         k.b[i] = second ? k2.b[1] : k2.b[0];
         k.c[i] = second ? k2.c[1] : k2.c[0];
