@@ -347,6 +347,11 @@ SHAPES = [
     ((4, 8, 3), "nchw"),          # S = 3 = V - 1 in fp32: groups, two channels a vector; planes in bf16
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
+if os.environ.get("BNX_SANITIZED"):
+    # Under the sanitizers (scripts/sanitize.sh), which check accesses, not values: float16 takes the plans,
+    # walks, offsets and loads bfloat16 takes (both 2 bytes; its only code of its own converts elements in
+    # registers), so it would repeat those checks, a quarter of this test's cases, in the longest CI step.
+    DTYPES.remove(torch.float16)
 
 
 def _run_all(ops, x, dy, w, b, rm, rv, nbt):
@@ -442,7 +447,7 @@ def test_emulated_ops_over_split_counts(emu, monkeypatch, sms, dtype, l2_groups)
         _assert_matches_cpu_ops(emu, _inputs(shape, dtype, layout), dtype, f"{shape} {layout} ")
 
 
-@pytest.mark.parametrize("shape,layout", [((1200, 2, 16, 16), "nchw"), ((600, 8, 8, 8), "cl")], ids=["nchw", "cl"])
+@pytest.mark.parametrize("shape,layout", [((1200, 2, 12, 12), "nchw"), ((600, 8, 8, 8), "cl")], ids=["nchw", "cl"])
 def test_emulated_ops_over_many_splits(emu, monkeypatch, shape, layout):
     """Channels split over 300 CTAs, more than one warp's deep loads cover at once (32 lanes x kReduceDepth =
     256 splits a round in reduce_channel): the finalize kernel takes a full round and a partial one (a lane
