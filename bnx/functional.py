@@ -3,6 +3,7 @@ import numbers
 
 import torch
 from torch.autograd import forward_ad
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from ._meta import stat_dtype
 from .autograd import FORMULAS, BatchNormEvalFunction, BatchNormTrainFunction
@@ -132,6 +133,23 @@ def batch_norm(
             it counts this batch too, so it is at least 1 (checked on the CPU; a check on a GPU would wait
             for the device).
     """
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias, num_batches_tracked):
+        # The __torch_function__ protocol, as torch.nn.functional.batch_norm follows it: tensor subclasses
+        # may override the call, and torch.fx records it as one call_function node.
+        return handle_torch_function(
+            batch_norm,
+            (input, running_mean, running_var, weight, bias, num_batches_tracked),
+            input,
+            running_mean,
+            running_var,
+            weight=weight,
+            bias=bias,
+            training=training,
+            momentum=momentum,
+            eps=eps,
+            backward=backward,
+            num_batches_tracked=num_batches_tracked,
+        )
     _check_tensors(input, running_mean, running_var, weight, bias, num_batches_tracked)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")

@@ -47,6 +47,13 @@ class _BackwardSwitch:
         return super().extra_repr() + f", backward={self.backward!r}"
 
     def forward(self, input):
+        if isinstance(input, torch.fx.Proxy) and input.tracer.root is not self:
+            # torch.fx symbolic tracing keeps torch.nn's modules as leaves but traces into others. This forward
+            # branches on the input's shape and updates buffers, which a trace would fail on or bake in, so
+            # record one call_module node, as fx does for torch.nn.BatchNorm2d: the traced module then runs
+            # this forward, with the training flag and backward formula read when it runs.
+            tracer = input.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
         self._check_input_dim(input)
         momentum = 0.0 if self.momentum is None else self.momentum
         num_batches_tracked = None
