@@ -46,6 +46,15 @@ class _BackwardSwitch:
     def extra_repr(self):
         return super().extra_repr() + f", backward={self.backward!r}"
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module it is about to compile; without it, the error would be
+        # TorchScript's about the first Python construct it cannot compile, deep in bnx.functional.
+        raise RuntimeError(
+            f"bnx.{type(self).__name__} cannot be compiled by torch.jit.script (deprecated by PyTorch): its "
+            "forward goes through Python autograd code. Use torch.export or torch.compile, or torch.jit.trace, "
+            "which records the bnx.batch_norm op with its gradient (and the training flag as traced)."
+        )
+
     def forward(self, input):
         if isinstance(input, torch.fx.Proxy) and input.tracer.root is not self:
             # torch.fx symbolic tracing keeps torch.nn's modules as leaves but traces into others. This forward

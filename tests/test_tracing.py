@@ -1,10 +1,12 @@
-"""torch.fx symbolic tracing and the __torch_function__ protocol.
+"""torch.fx symbolic tracing, the __torch_function__ protocol, and TorchScript.
 
 fx-based tools (torchvision's feature extraction, FX graph-mode quantization, graph rewriters) trace models
 with torch.fx.symbolic_trace. It keeps torch.nn's modules as call_module leaves and records
 torch.nn.functional.batch_norm as one call_function node (through __torch_function__); bnx's modules and
 functional must trace the same way, and the traced module must compute what the eager one does."""
 import copy
+import io
+import warnings
 
 import pytest
 import torch
@@ -136,3 +138,32 @@ def test_functional_follows_the_torch_function_protocol(overridden):
     assert _LoggingTensor.calls[0] is bnx.functional.batch_norm
     assert type(out) is _LoggingTensor
     torch.testing.assert_close(out.as_subclass(torch.Tensor), torch.nn.functional.batch_norm(x, None, None, weight, None, True))
+
+
+def test_torch_jit_script_names_the_module_and_the_alternatives():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnx.BatchNorm3d(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        with pytest.raises(RuntimeError, match=r"bnx.BatchNorm3d cannot be compiled by torch.jit.script.*torch.export"):
+            torch.jit.script(model)
+
+
+def test_torch_jit_trace_records_the_layer_op_with_its_gradient():
+    model, _ = _models("frozen")
+    eager = copy.deepcopy(model)
+    x = torch.randn(6, 3, 7, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated
+        traced = torch.jit.trace(model, x, check_trace=False)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+        buffer.seek(0)
+        loaded = torch.jit.load(buffer)
+    assert [n.kind() for n in loaded.inlined_graph.nodes() if n.kind().startswith("bnx::")] == ["bnx::batch_norm"]
+    eager(x)  # the trace ran the forward once
+    out, gx, grads = _step(loaded, x)
+    e_out, e_gx, e_grads = _step(eager, x)
+    assert torch.equal(out, e_out) and torch.equal(gx, e_gx)
+    assert all(torch.equal(a, b) for a, b in zip(grads, e_grads))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(getattr(loaded, "1"), name), getattr(eager[1], name))
