@@ -28,6 +28,9 @@ def _reduce_dims(t):
     return [0] + list(range(2, t.dim()))
 
 
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
 def decompose_input_gradient(input, grad_output, weight=None, eps=1e-5):
     """Split the batch-statistics BatchNorm input gradient into its three terms.
 
@@ -47,6 +50,18 @@ def decompose_input_gradient(input, grad_output, weight=None, eps=1e-5):
     The math is done in float64 for float64 input and in float32 otherwise.
     """
     x, dy = input, grad_output
+    for name, t in (("input", x), ("grad_output", dy), ("weight", weight)):
+        if t is None and name == "weight":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"decompose_input_gradient: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:  # integer input would be averaged in integers: wrong numbers
+            raise TypeError(
+                f"decompose_input_gradient: {name} must be float64, float32, float16 or bfloat16, got {t.dtype}")
+        if t.device != x.device:
+            raise RuntimeError(
+                f"decompose_input_gradient: expected all tensors on the same device, but input is on {x.device} "
+                f"and {name} is on {t.device}")
     if x.dim() < 2:
         raise ValueError(f"decompose_input_gradient: input must be (N, C, *), got shape {tuple(x.shape)}")
     if tuple(dy.shape) != tuple(x.shape):
@@ -55,6 +70,12 @@ def decompose_input_gradient(input, grad_output, weight=None, eps=1e-5):
     C = x.shape[1]
     if weight is not None and weight.numel() != C:
         raise ValueError(f"decompose_input_gradient: weight has {weight.numel()} elements, expected C={C}")
+    eps = float(eps)
+    if not eps > 0.0:  # as training-mode batch_norm: with eps <= 0 a constant channel divides by zero
+        raise ValueError(f"decompose_input_gradient: eps must be positive, got {eps}")
+    if C and x.numel() == C:  # as training-mode batch_norm: one value has no batch statistics to speak of
+        raise ValueError(
+            f"decompose_input_gradient: expected more than 1 value per channel, got input size {list(x.shape)}")
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if x.numel() == 0:
         z = torch.zeros_like(x)

@@ -859,3 +859,18 @@ def test_decompose_errors():
         decompose_input_gradient(torch.randn(4, 3), torch.randn(4, 2))
     with pytest.raises(ValueError):
         decompose_input_gradient(torch.randn(4, 3), torch.randn(4, 3), torch.ones(2))
+    x = torch.randn(4, 3, 2)
+    with pytest.raises(TypeError, match="input must be float64"):
+        decompose_input_gradient(x.long(), x)
+    with pytest.raises(TypeError, match="grad_output must be float64"):
+        decompose_input_gradient(x, x.int())
+    with pytest.raises(TypeError, match="weight must be a Tensor"):
+        decompose_input_gradient(x, x, [1.0, 1.0, 1.0])
+    with pytest.raises(RuntimeError, match="weight is on meta"):
+        decompose_input_gradient(x, x, torch.ones(3, device="meta"))
+    for eps in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="eps must be positive"):
+            decompose_input_gradient(x, x, eps=eps)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        decompose_input_gradient(torch.randn(1, 3, 1), torch.randn(1, 3, 1))
+    decompose_input_gradient(torch.randn(2, 3, 1), torch.randn(2, 3, 1))  # two values per channel: fine
