@@ -4,6 +4,8 @@
 ``backward="frozen"`` treats them as constants (what ``model.eval()`` gives); ``None`` picks the one that
 matches the statistics the forward used.
 """
+import warnings
+
 import torch
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.bnx)
@@ -25,6 +27,11 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# torch.jit.trace warns where Python branches on a traced size; bnx's branch only to check arguments, and the
+# traced bnx.batch_norm op checks its arguments again whenever it runs. torch ignores these warnings from its
+# own modules for the same reason (TracerWarning.ignore_lib_warnings).
+warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"bnx(\.|$)")
 
 
 def has_cuda_kernels() -> bool:
