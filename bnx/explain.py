@@ -21,14 +21,13 @@ import sys
 
 import torch
 
+from .functional import _DTYPES
+
 __all__ = ["decompose_input_gradient", "run", "add_arguments"]
 
 
 def _reduce_dims(t):
     return [0] + list(range(2, t.dim()))
-
-
-_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def decompose_input_gradient(input, grad_output, weight=None, eps=1e-5):
@@ -55,7 +54,7 @@ def decompose_input_gradient(input, grad_output, weight=None, eps=1e-5):
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"decompose_input_gradient: {name} must be a Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:  # integer input would be averaged in integers: wrong numbers
+        if t.dtype not in _DTYPES:  # integer input would be averaged in integers: wrong numbers
             raise TypeError(
                 f"decompose_input_gradient: {name} must be float64, float32, float16 or bfloat16, got {t.dtype}")
         if t.device != x.device:
