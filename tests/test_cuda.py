@@ -385,3 +385,17 @@ def test_bf16_maps_exact_on_every_value(layout):
     """bf16 elements are read from and written to 32-bit words in pairs (to_acc; from_acc by
     cvt.rn.bf16x2.f32): identity maps give every finite bfloat16 value back in its place."""
     assert_bf16_maps_exact(ops, layout, DEV)
+
+
+@pytest.mark.parametrize("count", [0, -2])
+def test_num_batches_tracked_below_one_makes_running_statistics_nan(count):
+    """On the GPU a count below 1 (no cumulative-average factor) cannot be refused without waiting for the
+    device: the running statistics become NaN, the output and batch statistics are those of a count of 1."""
+    torch.manual_seed(11)
+    x = torch.randn(6, 5, 4, 4, device=DEV)
+    rm, rv = torch.zeros(5, device=DEV), torch.ones(5, device=DEV)
+    want = ops.batch_norm_train_forward(x, None, None, rm.clone(), rv.clone(), torch.tensor(1, device=DEV), 0.1, 1e-5)
+    got = ops.batch_norm_train_forward(x, None, None, rm, rv, torch.tensor(count, device=DEV), 0.1, 1e-5)
+    assert rm.isnan().all() and rv.isnan().all()
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

@@ -665,3 +665,26 @@ def test_emulated_bf16_maps_exact_on_every_value(emu, layout):
     """bf16 elements are read from and written to 32-bit words in pairs (to_acc, from_acc): identity maps give
     every finite bfloat16 value back in its place."""
     assert_bf16_maps_exact(emu, layout, "cpu")
+
+
+@pytest.mark.parametrize("config", ["default", "l2_groups", "on_chip"], indirect=True)
+@pytest.mark.parametrize("count", [0, -2])
+def test_emulated_num_batches_tracked_below_one_makes_running_statistics_nan(emu, config, count):
+    """A count below 1 has no cumulative-average factor (1/0; a negative one extrapolates). The CPU op refuses
+    it; a CUDA check would wait for the device, so the kernels that finish each channel (in every launch
+    form) write NaN running statistics instead of numbers that pass for right. The batch statistics and the
+    output do not depend on the count and stay exact; a count of 1 still takes the batch's statistics."""
+    x, _, w, b, rm, rv, _ = _inputs((6, 5, 4, 4), torch.float32, "nchw")
+    rm1, rv1 = rm.clone(), rv.clone()
+    want = emu.batch_norm_train_forward(x, w, b, rm1, rv1, torch.tensor(1), 0.1, 1e-5)
+    torch.testing.assert_close(rm1, want[1])  # factor 1: the batch mean
+    for op in ("batch_norm_train_forward", "batch_norm_stats"):
+        rm2, rv2 = rm.clone(), rv.clone()
+        args = (x, w, b) if op == "batch_norm_train_forward" else (x,)
+        got = getattr(emu, op)(*args, rm2, rv2, torch.tensor(count), 0.1, 1e-5)
+        assert rm2.isnan().all() and rv2.isnan().all(), op
+        for g, wnt in zip(got, want[-len(got):]):
+            assert torch.equal(g, wnt), op
+        with pytest.raises(RuntimeError, match="num_batches_tracked .* must be at least 1"):
+            getattr(torch.ops.bnx, op)(*args, rm.clone(), rv.clone(), torch.tensor(count), 0.1, 1e-5)
+

@@ -102,8 +102,12 @@ struct MomentsFinalize {
     mean[c] = m;
     invstd[c] = acc_t(1) / ::sqrt(var + static_cast<acc_t>(eps));
     if (running_mean != nullptr) {
-      const acc_t f = num_batches_tracked != nullptr ? acc_t(1) / static_cast<acc_t>(l.num_batches_tracked)
-                                                     : static_cast<acc_t>(momentum);
+      // The count includes this batch, so it is at least 1. The CPU op refuses a smaller one; here a check
+      // would wait for the device, so the running statistics become NaN instead of 1/0's infinities or a
+      // negative factor's extrapolation, which would pass for numbers.
+      const acc_t f = num_batches_tracked == nullptr ? static_cast<acc_t>(momentum)
+                      : l.num_batches_tracked >= 1   ? acc_t(1) / static_cast<acc_t>(l.num_batches_tracked)
+                                                     : std::numeric_limits<acc_t>::quiet_NaN();
       const acc_t unbiased = var * n / (n - acc_t(1));
       running_mean[c] = (acc_t(1) - f) * l.running_mean + f * m;
       running_var[c] = (acc_t(1) - f) * l.running_var + f * unbiased;
