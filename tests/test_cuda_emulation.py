@@ -17,6 +17,7 @@ BNX_EMULATION_SANITIZE=address,undefined builds the emulated library with those 
 """
 import functools
 import os
+import random
 
 import pytest
 import torch
@@ -354,13 +355,14 @@ if os.environ.get("BNX_SANITIZED"):
     DTYPES.remove(torch.float16)
 
 
-def _run_all(ops, x, dy, w, b, rm, rv, nbt):
-    """Every op on the same inputs; returns {name: tensor} (running statistics after each update too)."""
+def _run_all(ops, x, dy, w, b, rm, rv, nbt, fresh=torch.Tensor.clone):
+    """Every op on the same inputs; returns {name: tensor} (running statistics after each update too, each
+    update on fresh(rm), fresh(rv))."""
     out = {}
-    rm1, rv1 = rm.clone(), rv.clone()
+    rm1, rv1 = fresh(rm), fresh(rv)
     out["stats.mean"], out["stats.invstd"] = ops.batch_norm_stats(x, rm1, rv1, None, 0.1, 1e-5)
     out["stats.rm"], out["stats.rv"] = rm1, rv1
-    rm2, rv2 = rm.clone(), rv.clone()
+    rm2, rv2 = fresh(rm), fresh(rv)
     out["fwd.y"], mean, invstd = ops.batch_norm_train_forward(x, w, b, rm2, rv2, nbt, 0.1, 1e-5)
     out["fwd.mean"], out["fwd.invstd"], out["fwd.rm"], out["fwd.rv"] = mean, invstd, rm2, rv2
     out["elemt"] = ops.batch_norm_elemt(x, w, b, mean, invstd)
@@ -377,10 +379,10 @@ def _run_all(ops, x, dy, w, b, rm, rv, nbt):
     return out
 
 
-def _assert_matches_cpu_ops(emu, args, dtype, what=""):
+def _assert_matches_cpu_ops(emu, args, dtype, what="", fresh=torch.Tensor.clone):
     """Every op, emulated, against bnx's CPU ops on the same inputs."""
-    got = _run_all(emu, *args)
-    want = _run_all(torch.ops.bnx, *args)
+    got = _run_all(emu, *args, fresh=fresh)
+    want = _run_all(torch.ops.bnx, *args, fresh=fresh)
     assert got.keys() == want.keys()
     for key in want:
         _close(got[key], want[key], dtype, f"{what}{key}")
@@ -688,3 +690,80 @@ def test_emulated_num_batches_tracked_below_one_makes_running_statistics_nan(emu
         with pytest.raises(RuntimeError, match="num_batches_tracked .* must be at least 1"):
             getattr(torch.ops.bnx, op)(*args, rm.clone(), rv.clone(), torch.tensor(count), 0.1, 1e-5)
 
+
+# --- random cases -----------------------------------------------------------------------------------------
+
+def _strided(t, dtype):
+    """t in dtype, every other element of a buffer twice its size (the gaps NaN, so a read of one shows)."""
+    buf = torch.full((2 * t.numel(),), float("nan"), dtype=dtype)
+    buf[::2] = t.to(dtype)
+    return buf[::2]
+
+
+def _reformed(t, form):
+    """t's values in another memory form: an inner transpose, a slice of a wider tensor, or an element offset
+    (so no 16-byte vector is aligned)."""
+    if form == "transposed" and t.dim() >= 4:
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if form == "sliced":
+        return torch.cat([t, t], dim=-1)[..., :t.shape[-1]]
+    if form == "offset":
+        return torch.cat([t.new_zeros(3), t.contiguous().flatten()])[3:].view(t.shape)
+    return t
+
+
+def _random_case(seed):
+    """A seeded random case: shape (2-5 dimensions, sizes from 1 up, at most 30000 elements, more than one
+    value per channel), dtype, layout, memory forms of x and dy, parameter and running-statistics dtypes and
+    strides, missing weight or bias, num_batches_tracked, and the launch switches and emulated machine."""
+    r = random.Random(seed)
+    rank = r.choice([2, 3, 4, 4, 5])
+    size = lambda most: round(most ** r.random())  # log-uniform in [1, most]: small sizes as often as large
+    while True:
+        shape = (size(300), size(70), *[size(300 if rank == 3 else 24 if rank == 4 else 8) for _ in range(rank - 2)])
+        per_channel = shape[0] * (torch.Size(shape[2:]).numel())
+        if per_channel > 1 and per_channel * shape[1] <= 30000:
+            break
+    dtype = r.choice(DTYPES)
+    pdt = torch.float64 if dtype == torch.float64 else r.choice([dtype, torch.float32])
+    env = {"BNX_EMULATED_SMS": str(r.choice([1, 2, 3, 8, 33, 132, 1000])),
+           "BNX_CUDA_PLANE_GROUPS": r.choice(["1", "1", "0"]),
+           "BNX_CUDA_L2_GROUPS": r.choice(["0", "0", "1", "auto"]),
+           "BNX_CUDA_L2_GROUPS_BARRIERS": r.choice(["", "0", "2"]),
+           "BNX_CUDA_ON_CHIP": r.choice(["", "1"]),
+           "BNX_EMULATED_SMEM_BYTES": str(r.choice([16 << 10, 64 << 10, 228 << 10, 4 << 20])),
+           "BNX_EMULATED_L2_BYTES": str(r.choice([64 << 10, 1 << 20, 50 << 20])),
+           "BNX_CUDA_ON_CHIP_SLOTS": r.choice(["", "", "", str(r.randint(1, 8))]),
+           # CTAs per SM and vectors per thread at least: few vectors split small channels over many CTAs
+           "BNX_CUDA_SUMS_PLAN": r.choice(["", f"{r.randint(1, 8)},{r.choice([1, 1, 2, 8])}"]),
+           "BNX_CUDA_MAP_PLAN": r.choice(["", "", f"{r.randint(1, 8)},{r.choice([1, 2, 8])}"])}
+    if env["BNX_CUDA_L2_GROUPS"] != "0" or env["BNX_CUDA_ON_CHIP"]:
+        # a cooperative grid is resident at once; the emulation runs at most 256 of its blocks
+        env["BNX_EMULATED_SMS"] = str(min(int(env["BNX_EMULATED_SMS"]), 8))
+    return dict(
+        shape=shape, dtype=dtype, layout=r.choice(["nchw", "cl"]) if rank >= 4 else "nchw",
+        x_form=r.choice(["plain", "plain", "transposed", "sliced", "offset"]),
+        dy_form=r.choice(["plain", "plain", "transposed", "sliced", "offset"]),
+        param_dtype=pdt, params_strided=r.random() < 0.5, weight=r.random() < 0.8, bias=r.random() < 0.8,
+        stat_dtype=torch.float64 if dtype == torch.float64 else r.choice([pdt, torch.float32]),
+        stats_strided=r.random() < 0.5, nbt=r.choice([None, 1, 5]), env=env)
+
+
+@pytest.mark.parametrize("seed", range(32))
+def test_emulated_ops_on_random_cases(emu, monkeypatch, seed):
+    """Every op, emulated, against bnx's CPU ops on a seeded random case (_random_case): shapes and launch
+    configurations no hand-picked case has, with strided, sliced or misaligned inputs, parameters and running
+    statistics of other dtypes and strides (updated in place through their strides), and missing weight or
+    bias."""
+    case = _random_case(seed)
+    for name, value in case["env"].items():
+        monkeypatch.setenv(name, value)
+    shape, dtype, layout = case["shape"], case["dtype"], case["layout"]
+    x, dy, w, b, rm, rv, _ = _inputs(shape, dtype, layout)
+    x, dy = _reformed(x, case["x_form"]), _reformed(dy, case["dy_form"])
+    pdt, sdt = case["param_dtype"], case["stat_dtype"]
+    w, b = (_strided(t, pdt) if case["params_strided"] else t.to(pdt) for t in (w, b))
+    fresh = (lambda t: _strided(t, sdt)) if case["stats_strided"] else (lambda t: t.to(sdt).clone())
+    args = (x, dy, w if case["weight"] else None, b if case["bias"] else None, fresh(rm), fresh(rv),
+            None if case["nbt"] is None else torch.tensor(case["nbt"]))
+    _assert_matches_cpu_ops(emu, args, dtype, f"{case} ", fresh=fresh)
