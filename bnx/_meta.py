@@ -49,6 +49,20 @@ def _check_input(input, **others):
             )
 
 
+def _check_count(num_batches_tracked):
+    """csrc/checks.cpp: check_stats_args' num_batches_tracked checks."""
+    if num_batches_tracked is not None:
+        t = num_batches_tracked
+        torch._check(
+            t.numel() == 1,
+            lambda: f"bnx: num_batches_tracked must be a one-element tensor on the input's device, got shape {list(t.shape)}",
+        )
+        torch._check(
+            not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool),
+            lambda: f"bnx: num_batches_tracked must be an integer tensor (a count of batches), got dtype {t.dtype}",
+        )
+
+
 def _channel_stats(input):
     return input.new_empty((input.shape[1],), dtype=stat_dtype(input))
 
@@ -60,6 +74,7 @@ def _like_input(input):
 @register_fake("bnx::batch_norm_stats")
 def _batch_norm_stats_fake(input, running_mean, running_var, num_batches_tracked, momentum, eps):
     _check_input(input, running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked)
+    _check_count(num_batches_tracked)
     return _channel_stats(input), _channel_stats(input)
 
 
@@ -73,6 +88,7 @@ def _batch_norm_train_forward_fake(input, weight, bias, running_mean, running_va
         running_var=running_var,
         num_batches_tracked=num_batches_tracked,
     )
+    _check_count(num_batches_tracked)
     return _like_input(input), _channel_stats(input), _channel_stats(input)
 
 

@@ -97,7 +97,13 @@ def _check_tensors(input, *tensors):
                 f"bnx.batch_norm: expected all tensors on the same device, but input is on {input.device} "
                 f"and {name} is on {t.device}"
             )
-        if name != "num_batches_tracked":
+        if name == "num_batches_tracked":
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.numel() != 1:
+                raise TypeError(
+                    f"bnx.batch_norm: num_batches_tracked must be a one-element integer tensor (a count of "
+                    f"batches), got {t.dtype} of shape {tuple(t.shape)}"
+                )
+        else:
             if t.dtype not in _DTYPES:
                 raise TypeError(
                     f"bnx.batch_norm: {name} must be float64, float32, float16 or bfloat16, got {t.dtype}"

@@ -109,6 +109,10 @@ void check_stats_args(const at::Tensor& input, const c10::optional<at::Tensor>& 
     TORCH_CHECK(nbt.numel() == 1 && nbt.device() == input.device(),
                 "bnx: num_batches_tracked must be a one-element tensor on the input's device, got shape ",
                 shape(nbt.sizes()), " on ", device_name(nbt.device()));
+    // A count: the CPU op would take 2.5 as 2.5 and the CUDA op (which reads it as int64 on the device) as 2.
+    TORCH_CHECK(at::isIntegralType(nbt.scalar_type(), /*includeBool=*/false),
+                "bnx: num_batches_tracked must be an integer tensor (a count of batches), got dtype ",
+                dtype_name(nbt.scalar_type()));
   }
   const bool update = running_mean.has_value() && running_mean->defined();
   int64_t values = input.size(0);

@@ -767,3 +767,69 @@ def test_emulated_ops_on_random_cases(emu, monkeypatch, seed):
     args = (x, dy, w if case["weight"] else None, b if case["bias"] else None, fresh(rm), fresh(rv),
             None if case["nbt"] is None else torch.tensor(case["nbt"]))
     _assert_matches_cpu_ops(emu, args, dtype, f"{case} ", fresh=fresh)
+
+
+# --- argument checks ----------------------------------------------------------------------------------------
+
+def _bad_argument_calls():
+    """(op, argument, variant, args): each op's good arguments with one of them made bad."""
+    x, dy, w, b, rm, rv, nbt = _inputs((4, 3, 5, 5), torch.float32, "nchw")
+    mean, invstd = torch.ops.bnx.batch_norm_stats(x, None, None, None, 0.1, 1e-5)
+    sum_dy, sum_dy_xmu = torch.ops.bnx.batch_norm_backward_reduce(dy, x, mean, invstd)
+    good = dict(input=x, grad_out=dy, weight=w, bias=b, running_mean=rm, running_var=rv, num_batches_tracked=nbt,
+                momentum=0.1, eps=1e-5, mean=mean, invstd=invstd, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu, count=100,
+                formula="batch", output_mask=[True, True, True])
+    signatures = {
+        "batch_norm_stats": ["input", "running_mean", "running_var", "num_batches_tracked", "momentum", "eps"],
+        "batch_norm_train_forward": ["input", "weight", "bias", "running_mean", "running_var", "num_batches_tracked",
+                                     "momentum", "eps"],
+        "batch_norm_elemt": ["input", "weight", "bias", "mean", "invstd"],
+        "batch_norm_inference": ["input", "weight", "bias", "running_mean", "running_var", "eps"],
+        "batch_norm_backward_reduce": ["grad_out", "input", "mean", "invstd"],
+        "batch_norm_backward_elemt": ["grad_out", "input", "mean", "invstd", "weight", "sum_dy", "sum_dy_xmu", "count"],
+        "batch_norm_backward": ["grad_out", "input", "mean", "invstd", "weight", "formula", "output_mask"],
+    }
+    scalars = {"eps": [0.0, -1.0], "count": [0, -3], "formula": ["Batch", "eval"], "momentum": [], "output_mask": []}
+    calls = []
+    for op, names in signatures.items():
+        for name in names:
+            t = good[name]
+            if name in scalars:
+                variants = {repr(v): v for v in scalars[name]}
+            elif t.dim() == 0:  # num_batches_tracked
+                variants = {"two elements": t.expand(2), "float32": t.float(), "bool": t.bool(),
+                            "complex": t.to(torch.complex64)}
+            elif t.dim() == 1:
+                variants = {"1 too few": t[:-1], "2-D": t.unsqueeze(0), "int64": t.long(), "complex": t.to(torch.complex64),
+                            "empty": t[:0]}
+            else:
+                variants = {"1-D": t.flatten()[:4], "6-D": t.view(1, 4, 3, 5, 5, 1), "one channel more": torch.cat([t, t[:, :1]], 1),
+                            "int64": t.long(), "complex": t.to(torch.complex64), "one entry fewer": t[1:]}
+            for variant, value in variants.items():
+                calls.append((op, name, variant, [value if n == name else good[n] for n in names]))
+    return calls
+
+
+def test_emulated_ops_refuse_bad_arguments_as_the_cpu_ops_do(emu):
+    """Each op, with one argument made bad in turn (rank, channel count, dtype, size, empty, scalar values): the
+    emulated CUDA op refuses it with the CPU op's message, or both accept it with the same results (a
+    mismatch in the number of entries between grad_out and input, say, is an error in both). Found so: the
+    CUDA training forward read the input's channels before checking its rank ("Dimension out of range"), and
+    the CUDA ops took a float num_batches_tracked as int64 (2.5 as 2) where the CPU ops took it as 2.5."""
+    refused = 0
+    for op, name, variant, args in _bad_argument_calls():
+        results = []
+        for ops in (emu, torch.ops.bnx):
+            try:
+                results.append(getattr(ops, op)(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args]))
+            except RuntimeError as e:
+                results.append(str(e).splitlines()[0])
+        what = f"{op} with {name} {variant}"
+        assert type(results[0]) is type(results[1]), f"{what}: {results[0]!r} vs {results[1]!r}"
+        if isinstance(results[1], str):
+            refused += 1
+            assert results[0] == results[1] and results[1].startswith(("bnx: ", "Expected more than 1")), what
+        else:
+            for got, want in zip(*(r if isinstance(r, tuple) else (r,) for r in results)):
+                _close(got, want, torch.float32, what)
+    assert refused > 100

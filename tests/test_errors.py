@@ -409,6 +409,36 @@ def test_running_stats_that_require_grad_are_refused_like_torch(device, training
     assert_close(rv.detach(), trv.detach(), 1e-6, 1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bool, torch.complex64])
+def test_num_batches_tracked_must_be_an_integer_count(device, dtype):
+    """num_batches_tracked is a count: a floating, complex or bool tensor is refused by the functional, the
+    ops and their fake kernels (a float 2.5 gave a factor of 1/2.5 on the CPU and 1/2 on CUDA, which reads
+    it as int64); int32 and int64 are taken alike. Nothing is updated."""
+    x = torch.randn(4, 3, 5, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    bad = torch.tensor(3, device=device).to(dtype)
+    with pytest.raises(TypeError, match="num_batches_tracked must be a one-element integer tensor"):
+        bn_f(x, rm, rv, training=True, momentum=None, num_batches_tracked=bad)
+    for op, args in [("batch_norm_stats", (x, rm, rv, bad, 0.1, 1e-5)),
+                     ("batch_norm_train_forward", (x, None, None, rm, rv, bad, 0.1, 1e-5))]:
+        with pytest.raises(RuntimeError, match="num_batches_tracked must be an integer tensor"):
+            getattr(torch.ops.bnx, op)(*args)
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            with pytest.raises(RuntimeError, match="num_batches_tracked must be an integer tensor"):
+                getattr(torch.ops.bnx, op)(*fake)
+    assert torch.equal(rm, torch.zeros(3, device=device)) and torch.equal(rv, torch.ones(3, device=device))
+    with pytest.raises(TypeError, match="one-element integer tensor"):
+        bn_f(x, rm, rv, training=True, momentum=None, num_batches_tracked=torch.tensor([1, 2], device=device))
+    results = []
+    for count in (torch.tensor(3, dtype=torch.int32), torch.tensor(3)):
+        rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+        bn_f(x, rm, rv, training=True, momentum=None, num_batches_tracked=count.to(device))
+        results.append((rm, rv))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 @pytest.mark.parametrize("nbt", [0, -2])
 def test_cpu_num_batches_tracked_below_one_is_refused(nbt):
     """num_batches_tracked counts the current batch too: a count below 1 (factor 1/0, or negative) is an

@@ -97,6 +97,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_forward_cuda(
     const Tensor& input_, const c10::optional<Tensor>& weight_, const c10::optional<Tensor>& bias_,
     const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
     const c10::optional<Tensor>& num_batches_tracked, double momentum, double eps) {
+  check_input(input_);  // first: check_affine reads the input's channel count
   check_affine(input_, weight_, bias_);
   StatsArgs a = prepare_stats(input_, running_mean, running_var, num_batches_tracked, eps);
   const DeviceGuard guard(a.input.device());
