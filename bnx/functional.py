@@ -135,10 +135,10 @@ def batch_norm(
             statistics -> ``"frozen"``), ``"batch"`` (gradient through the batch mean and variance) or
             ``"frozen"`` (mean and variance treated as constants: ``dx = weight * invstd * dy``).
         num_batches_tracked: with ``training=True`` and running statistics, update them with the cumulative
-            average factor ``1 / num_batches_tracked`` (torch modules' ``momentum=None``); a one-element
-            integer tensor, read on the device;
-            it counts this batch too, so it is at least 1 (a smaller count is an error on the CPU; on a
-            GPU, where a check would wait for the device, it makes the running statistics NaN).
+            average factor ``1 / num_batches_tracked`` (torch modules' ``momentum=None``). A one-element
+            integer tensor, read on the device. It counts this batch too, so it is at least 1 (a smaller
+            count is an error on the CPU; on a GPU, where a check would wait for the device, it makes the
+            running statistics NaN).
     """
     if has_torch_function_variadic(input, running_mean, running_var, weight, bias, num_batches_tracked):
         # The __torch_function__ protocol, as torch.nn.functional.batch_norm follows it: tensor subclasses
