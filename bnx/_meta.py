@@ -49,6 +49,11 @@ def _check_input(input, **others):
             )
 
 
+def is_count_dtype(dtype):
+    """An integer dtype other than bool, as num_batches_tracked needs (csrc/checks.cpp: at::isIntegralType)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def _check_count(num_batches_tracked):
     """csrc/checks.cpp: check_stats_args' num_batches_tracked checks."""
     if num_batches_tracked is not None:
@@ -58,7 +63,7 @@ def _check_count(num_batches_tracked):
             lambda: f"bnx: num_batches_tracked must be a one-element tensor on the input's device, got shape {list(t.shape)}",
         )
         torch._check(
-            not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool),
+            is_count_dtype(t.dtype),
             lambda: f"bnx: num_batches_tracked must be an integer tensor (a count of batches), got dtype {t.dtype}",
         )
 

@@ -5,7 +5,7 @@ import torch
 from torch.autograd import forward_ad
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from ._meta import stat_dtype
+from ._meta import is_count_dtype, stat_dtype
 from .autograd import FORMULAS, BatchNormEvalFunction, BatchNormTrainFunction
 
 # The layer op with its autograd kernel in C++ (csrc/autograd.cpp), looked up once.
@@ -98,7 +98,7 @@ def _check_tensors(input, *tensors):
                 f"and {name} is on {t.device}"
             )
         if name == "num_batches_tracked":
-            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.numel() != 1:
+            if not is_count_dtype(t.dtype) or t.numel() != 1:
                 raise TypeError(
                     f"bnx.batch_norm: num_batches_tracked must be a one-element integer tensor (a count of "
                     f"batches), got {t.dtype} of shape {tuple(t.shape)}"
