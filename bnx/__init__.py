@@ -40,7 +40,7 @@ def has_cuda_kernels() -> bool:
 
 
 def cpu_kernels() -> str:
-    """The instruction set the CPU kernels run with: "avx2" (AVX2 + FMA, chosen when the CPU has both) or
+    """The instruction set the CPU kernels run with: "avx2" (AVX2 + FMA + F16C, chosen when the CPU has all three) or
     "default" (the compiler's baseline; also what BNX_CPU_KERNELS=default asks for)."""
     return _C.cpu_kernels
 

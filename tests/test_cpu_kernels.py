@@ -1,6 +1,6 @@
 """The CPU kernels on shapes that reach every branch of their loops, against float64 references.
 
-The CPU kernels are compiled twice, for the x86-64 baseline and for AVX2 + FMA, and the faster set that
+The CPU kernels are compiled twice, for the x86-64 baseline and for AVX2 + FMA + F16C, and the faster set that
 the CPU supports is chosen when the library loads (BNX_CPU_KERNELS=default forces the baseline). The tests
 here run in this process (the chosen set) and once more in a subprocess on the baseline set.
 
@@ -48,6 +48,7 @@ SHAPES = [
 DTYPES = {
     torch.float32: (1e-4, 1e-4),
     torch.bfloat16: (3e-2, 2e-2),
+    torch.float16: (4e-3, 3e-3),
     torch.float64: (1e-9, 1e-9),
 }
 
@@ -116,22 +117,22 @@ def test_cpu_eval_forward_against_float64(case):
     assert_close(y, y_ref, 1e-5, 1e-5)
 
 
-def _cpu_has_avx2_fma():
+def _cpu_has_avx2_fma_f16c():
     if platform.machine() not in ("x86_64", "AMD64") or not os.path.exists("/proc/cpuinfo"):
         return None  # unknown
     with open("/proc/cpuinfo") as f:
         flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    return "avx2" in flags and "fma" in flags
+    return "avx2" in flags and "fma" in flags and "f16c" in flags
 
 
 def test_cpu_kernels_choice():
-    """The AVX2 kernels run where the CPU has AVX2 and FMA, unless BNX_CPU_KERNELS=default."""
+    """The AVX2 kernels run where the CPU has AVX2, FMA and F16C, unless BNX_CPU_KERNELS=default."""
     choice = bnx.cpu_kernels()
     assert choice in ("avx2", "default")
     if os.environ.get("BNX_CPU_KERNELS") == "default":
         assert choice == "default"
         return
-    has = _cpu_has_avx2_fma()
+    has = _cpu_has_avx2_fma_f16c()
     if has is None:
         pytest.skip("not an x86-64 Linux machine: cannot tell which kernels it should use")
     assert choice == ("avx2" if has else "default")
@@ -154,3 +155,82 @@ def test_bf16_maps_exact_on_every_value(layout):
     """The CPU ops' elementwise passes with identity coefficients give every finite bfloat16 value back in its
     place (the same check runs on the CUDA kernels: tests/test_cuda.py, tests/test_cuda_emulation.py)."""
     assert_bf16_maps_exact(torch.ops.bnx, layout, "cpu")
+
+
+# Every 16-bit pattern, infinities and NaNs included.
+def _every_16bit_value(dtype):
+    return torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+def _assert_same_values(got, expected, what):
+    """Equal values (a zero's sign aside) and NaN where expected has NaN."""
+    assert got.dtype == expected.dtype and got.shape == expected.shape, what
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(got), nan), f"{what}: NaN in other places"
+    bad = (got != expected) & ~nan
+    if bad.any():
+        i = bad.nonzero()[0].tolist()
+        raise AssertionError(f"{what}: {int(bad.sum())} values differ, first at {i}: {got[tuple(i)].item()!r}, "
+                             f"expected {expected[tuple(i)].item()!r}")
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.7, 3.1e-3, 1234.5, 1e-6])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_16bit_maps_round_every_value_as_torch(dtype, layout, scale):
+    """The elementwise passes read and write the 16-bit types in blocks of eight (F16C / AVX2 in the AVX2
+    kernels, c10's bit arithmetic in the baseline ones). With coefficients that make each pass a multiply by
+    `scale`, every 16-bit value (infinities, NaN, subnormals) must come out as torch's float32 product rounded
+    to the type: the normalize, the frozen dx alone and inside the gradient sums, and the batch dx. C = 13 and
+    71-element planes leave a tail after the blocks of eight in both layouts."""
+    g = torch.Generator().manual_seed(0)
+    values = _every_16bit_value(dtype)
+    shape = (1, 13, 72, 71)
+    n = 13 * 72 * 71
+    extra = values[torch.randint(0, values.numel(), (n - values.numel(),), generator=g)]
+    x = torch.cat([values, extra])[torch.randperm(n, generator=g)].reshape(shape)
+    dy = x.flip(-1)
+    if layout == "cl":
+        x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+    C = shape[1]
+    zeros, s = torch.zeros(C), torch.full((C,), scale)
+    ops = torch.ops.bnx
+
+    def expected(t):
+        return (t.float() * scale).to(dtype)
+
+    _assert_same_values(ops.batch_norm_elemt(x, None, None, zeros, s), expected(x), "normalize")
+    dx, _, _ = ops.batch_norm_backward(dy, x, zeros, s, None, "frozen", [True, False, False])
+    _assert_same_values(dx, expected(dy), "frozen dx alone")
+    # With the parameter gradients, the frozen dx is written by the pass that sums them.
+    dx, _, _ = ops.batch_norm_backward(dy, torch.zeros_like(x), zeros, s, None, "frozen", [True, True, True])
+    _assert_same_values(dx, expected(dy), "frozen dx in the gradient sums")
+    # Zero gradient sums: dx = dy * weight * invstd (x zero, so that x's infinities do not make 0 * inf).
+    dx = ops.batch_norm_backward_elemt(dy, torch.zeros_like(x), zeros, s, None, zeros, zeros, n // C)
+    _assert_same_values(dx, expected(dy), "batch dx")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "rows"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_16bit_sums_read_every_value(dtype, layout):
+    """The gradient sums read the 16-bit types eight at a time. Each of 65536 channels holds one 16-bit value
+    (every pattern once) among zeros, at a random place, so its sums are that value exactly: sum(dy) where dy
+    holds it, sum(dy * (x - 0)) where x does. "nchw": planes of 19 elements (a block of 16 lanes and a tail);
+    "rows": 19 rows of 65536 channels (taken four at a time, then one)."""
+    g = torch.Generator().manual_seed(0)
+    values = _every_16bit_value(dtype)
+    C, M = values.numel(), 19
+    place = torch.randint(0, M, (C,), generator=g)
+    holder = torch.zeros(M, C, dtype=dtype)
+    holder[place, torch.arange(C)] = values
+    ones = torch.ones(M, C, dtype=dtype)
+    if layout == "nchw":
+        holder, ones = holder.t().unsqueeze(0).contiguous(), ones.t().unsqueeze(0).contiguous()  # (1, C, M)
+    zeros, unit = torch.zeros(C), torch.ones(C)
+    expected = values.float()
+    sum_dy, sum_dy_xmu = torch.ops.bnx.batch_norm_backward_reduce(holder, ones, zeros, unit)
+    _assert_same_values(sum_dy, expected, "sum(dy), dy holding the values")
+    _assert_same_values(sum_dy_xmu, expected, "sum(dy * x), dy holding the values")
+    sum_dy, sum_dy_xmu = torch.ops.bnx.batch_norm_backward_reduce(ones, holder, zeros, unit)
+    _assert_same_values(sum_dy, torch.full((C,), float(M)), "sum(dy), dy all ones")
+    _assert_same_values(sum_dy_xmu, expected, "sum(dy * x), x holding the values")

@@ -1,4 +1,4 @@
-// Chooses between the CPU kernels compiled for the baseline and for AVX2 + FMA (kernels_*.cpp).
+// Chooses between the CPU kernels compiled for the baseline and for AVX2 + FMA + F16C (kernels_*.cpp).
 #pragma once
 
 #include <cstdlib>
@@ -13,7 +13,7 @@
 
 namespace bnx {
 
-// True when the AVX2 kernels were compiled (x86-64 with GCC) and this CPU has AVX2 and FMA.
+// True when the AVX2 kernels were compiled (x86-64 with GCC) and this CPU has AVX2, FMA and F16C.
 bool cpu_avx2_kernels_usable();
 
 // The AVX2 kernels when usable, unless BNX_CPU_KERNELS=default asks for the baseline ones (read once).

@@ -1,11 +1,109 @@
 // Definitions of the CPU kernels declared in kernel_api.h, for the instruction set the including file
-// selects (kernels_default.cpp: the compiler's baseline; kernels_avx2.cpp: AVX2 + FMA). Inner loops run
+// selects (kernels_default.cpp: the compiler's baseline; kernels_avx2.cpp: AVX2 + FMA + F16C). Inner loops run
 // over contiguous memory and are written for the compiler to vectorize (`omp simd`; built with -fopenmp).
 #include "kernel_api.h"
 
 namespace bnx {
 namespace BNX_CPU_ISA {
 namespace {
+
+// Conversions between the stored type and opmath inside the loops. For float and double a plain cast. For
+// bfloat16 and half, c10's own conversions (round to nearest even; NaN stays NaN) written as bit arithmetic
+// with masks instead of branches and selects, which GCC turns into control flow that stops the loop from
+// vectorizing: with c10::Half / c10::BFloat16's casts the half types ran one element at a time (2-vCPU AMD
+// EPYC, (16,64,56,56): half eval forward 12x, bfloat16 4x slower than native). The results are bit for bit
+// c10's (tests/test_numerics.py checks every 16-bit pattern).
+inline float float_from_bits(uint32_t u) { return c10::bit_cast<float>(u); }
+inline uint32_t bits_from_float(float f) { return c10::bit_cast<uint32_t>(f); }
+// All ones where `cond`, else zero.
+inline uint32_t mask_if(bool cond) { return 0u - static_cast<uint32_t>(cond); }
+
+template <typename opmath_t, typename scalar_t>
+inline opmath_t load_opmath(scalar_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return float_from_bits(static_cast<uint32_t>(v.x) << 16);
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    // c10::detail::fp16_ieee_to_fp32_value: normal numbers by moving the exponent and mantissa into place,
+    // subnormals (and zero) through a float subtraction, inf and NaN by the rescale.
+    const uint32_t w = static_cast<uint32_t>(v.x) << 16;
+    const uint32_t sign = w & 0x80000000u, two_w = w + w;
+    const float normalized = float_from_bits((two_w >> 4) + (0xE0u << 23)) * float_from_bits(15u << 23);
+    const float denormalized = float_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+    const uint32_t subnormal = mask_if(two_w < (1u << 27));
+    return float_from_bits(sign | (bits_from_float(denormalized) & subnormal) |
+                           (bits_from_float(normalized) & ~subnormal));
+  } else {
+    return static_cast<opmath_t>(v);
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+inline scalar_t store_from_opmath(opmath_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    // c10::detail::round_to_nearest_even; NaN becomes 0x7FC0.
+    const uint32_t u = bits_from_float(v);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t nan = mask_if(v != v);
+    return c10::BFloat16(static_cast<uint16_t>((0x7FC0u & nan) | (rounded & ~nan)), c10::BFloat16::from_bits());
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    // c10::detail::fp16_ieee_from_fp32_value: the float addition rounds the mantissa to half's (subnormals
+    // included); overflow comes out as inf, NaN as 0x7E00 with its sign.
+    float base = (std::fabs(v) * float_from_bits(239u << 23)) * float_from_bits(17u << 23);
+    const uint32_t w = bits_from_float(v);
+    const uint32_t shl1_w = w + w, sign = w & 0x80000000u;
+    const uint32_t bias = std::max(shl1_w & 0xFF000000u, 0x71000000u);
+    base = float_from_bits((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = bits_from_float(base);
+    const uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+    const uint32_t nan = mask_if(shl1_w > 0xFF000000u);
+    return c10::Half(static_cast<uint16_t>((sign >> 16) | (0x7E00u & nan) | (nonsign & ~nan)), c10::Half::from_bits());
+  } else {
+    return static_cast<scalar_t>(v);
+  }
+}
+
+// Whether a stored type is converted to and from float eight at a time by the maps (the 16-bit types).
+template <typename scalar_t>
+constexpr bool kConvertsInBlocks = std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+// Eight 16-bit values as floats, and back (round to nearest even, as c10's conversions; a NaN stays a NaN, its
+// payload bits may differ). F16C / AVX2 instructions in the AVX2 kernels; elsewhere loops over c10's bit
+// arithmetic (load_opmath, store_from_opmath).
+template <typename scalar_t>
+inline void load8(const scalar_t* src, float* dst) {
+#if defined(BNX_CPU_AVX2_COMPILED)
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    _mm256_storeu_ps(dst, _mm256_cvtph_ps(v));
+  } else {
+    _mm256_storeu_ps(dst, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
+  }
+#else
+#pragma omp simd
+  for (int k = 0; k < 8; ++k) dst[k] = load_opmath<float>(src[k]);
+#endif
+}
+
+template <typename scalar_t>
+inline void store8(const float* src, scalar_t* dst) {
+#if defined(BNX_CPU_AVX2_COMPILED)
+  const __m256 v = _mm256_loadu_ps(src);
+  __m128i h;
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+  } else {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  }
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), h);
+#else
+#pragma omp simd
+  for (int k = 0; k < 8; ++k) dst[k] = store_from_opmath<scalar_t>(src[k]);
+#endif
+}
 
 constexpr int64_t kGrainElements = 1 << 15;  // elements per parallel task, at least
 constexpr int kLanes = 16;                   // independent partial sums in the plane-wise reductions
@@ -35,33 +133,67 @@ constexpr int64_t kManyRowsBytes = 8 << 10;
 
 // pa[c] += sum over R rows of f(.).first, pb[c] likewise with .second, for the R rows from `base` (each
 // C elements). The R values are added among themselves first (pairwise), then into the accumulator.
-template <int R, typename opmath_t, typename F>
-inline void add_rows(const F& f, int64_t base, int64_t C, opmath_t* pa, opmath_t* pb) {
+// f(a value, b value, index, channel); the 16-bit types are converted eight channels at a time (load8).
+template <int R, typename opmath_t, typename scalar_t, typename F>
+inline void add_rows(const F& f, const scalar_t* a, const scalar_t* b, int64_t base, int64_t C, opmath_t* pa,
+                     opmath_t* pb) {
+  static_assert(R == 1 || R == 4, "rows per accumulator update: 1 or 4");
+  int64_t c0 = 0;
+  if constexpr (kConvertsInBlocks<scalar_t>) {
+    for (; c0 + 8 <= C; c0 += 8) {
+      alignas(32) float av[R][8], bv[R][8];
+      for (int r = 0; r < R; ++r) {
+        load8(a + base + r * C + c0, av[r]);
+        load8(b + base + r * C + c0, bv[r]);
+      }
 #pragma omp simd
-  for (int64_t c = 0; c < C; ++c) {
+      for (int k = 0; k < 8; ++k) {
+        const int64_t c = c0 + k, i = base + c;
+        if constexpr (R == 1) {
+          const auto v = f(av[0][k], bv[0][k], i, c);
+          pa[c] += v.first;
+          pb[c] += v.second;
+        } else {
+          const auto v0 = f(av[0][k], bv[0][k], i, c);
+          const auto v1 = f(av[1][k], bv[1][k], i + C, c);
+          const auto v2 = f(av[2][k], bv[2][k], i + 2 * C, c);
+          const auto v3 = f(av[3][k], bv[3][k], i + 3 * C, c);
+          pa[c] += (v0.first + v1.first) + (v2.first + v3.first);
+          pb[c] += (v0.second + v1.second) + (v2.second + v3.second);
+        }
+      }
+    }
+  }
+  // (For the 16-bit types, the last C % 8 channels.)
+  const auto ld = [](const scalar_t* p, int64_t i) { return load_opmath<opmath_t>(p[i]); };
+#pragma omp simd
+  for (int64_t c = c0; c < C; ++c) {
+    const int64_t i = base + c;
     if constexpr (R == 1) {
-      const auto v = f(base + c, c);
+      const auto v = f(ld(a, i), ld(b, i), i, c);
       pa[c] += v.first;
       pb[c] += v.second;
     } else {
-      static_assert(R == 4, "rows per accumulator update: 1 or 4");
-      const auto v0 = f(base + c, c);
-      const auto v1 = f(base + C + c, c);
-      const auto v2 = f(base + 2 * C + c, c);
-      const auto v3 = f(base + 3 * C + c, c);
+      const auto v0 = f(ld(a, i), ld(b, i), i, c);
+      const auto v1 = f(ld(a, i + C), ld(b, i + C), i + C, c);
+      const auto v2 = f(ld(a, i + 2 * C), ld(b, i + 2 * C), i + 2 * C, c);
+      const auto v3 = f(ld(a, i + 3 * C), ld(b, i + 3 * C), i + 3 * C, c);
       pa[c] += (v0.first + v1.first) + (v2.first + v3.first);
       pb[c] += (v0.second + v1.second) + (v2.second + v3.second);
     }
   }
 }
 
-// Per-channel sums of the two values f(idx, c) returns, over every element of the channel.
+// Per-channel sums of the two values f(a[idx], b[idx], idx, c) returns, over every element of the channel (a
+// and b as opmath; b may be a again when f reads one tensor).
 // The memory is cut into a fixed number of slices, each read in order by one task into its own per-channel
 // partial sums; the partials are then added in slice order, so the result does not depend on thread timing.
 // Reading in memory order (rather than channel by channel, which in NC* memory jumps between the N planes
 // of a channel) keeps the hardware prefetchers ahead of the loads.
-template <typename opmath_t, typename F>
-void channel_sums(const Layout& L, const F& f, std::vector<double>& sum1, std::vector<double>& sum2) {
+template <typename opmath_t, typename scalar_t, typename F>
+void channel_sums(const Layout& L, const scalar_t* a, const scalar_t* b, const F& f, std::vector<double>& sum1,
+                  std::vector<double>& sum2) {
+  const auto ld = [](const scalar_t* p, int64_t i) { return load_opmath<opmath_t>(p[i]); };
   const int64_t C = L.C;
   sum1.assign(C, 0.0);
   sum2.assign(C, 0.0);
@@ -88,14 +220,14 @@ void channel_sums(const Layout& L, const F& f, std::vector<double>& sum1, std::v
           // lanes per plane cost more than the plane's few elements.
           for (int64_t e = e0, plane = e0 / S, c = plane % C; e < e1; ++plane, c = c + 1 == C ? 0 : c + 1) {
             const int64_t end = std::min(e1, (plane + 1) * S);
-            opmath_t a = 0, b = 0;
+            opmath_t plane1 = 0, plane2 = 0;
             for (; e < end; ++e) {
-              const auto v = f(e, c);
-              a += v.first;
-              b += v.second;
+              const auto v = f(ld(a, e), ld(b, e), e, c);
+              plane1 += v.first;
+              plane2 += v.second;
             }
-            p1[c] += a;
-            p2[c] += b;
+            p1[c] += plane1;
+            p2[c] += plane2;
           }
           continue;
         }
@@ -107,22 +239,37 @@ void channel_sums(const Layout& L, const F& f, std::vector<double>& sum1, std::v
             const int64_t block_end = std::min(end, e + kBlock);
             // Independent lanes the compiler maps onto vector registers (a reduction into one scalar
             // would not vectorize without reassociation).
-            opmath_t a[kLanes] = {}, b[kLanes] = {};
+            opmath_t lane1[kLanes] = {}, lane2[kLanes] = {};
             for (; e + kLanes <= block_end; e += kLanes) {
+              if constexpr (kConvertsInBlocks<scalar_t>) {
+                // The 16-bit types: converted eight at a time first (load8).
+                alignas(32) float av[kLanes], bv[kLanes];
+                for (int l = 0; l < kLanes; l += 8) {
+                  load8(a + e + l, av + l);
+                  load8(b + e + l, bv + l);
+                }
 #pragma omp simd
-              for (int l = 0; l < kLanes; ++l) {
-                const auto v = f(e + l, c);
-                a[l] += v.first;
-                b[l] += v.second;
+                for (int l = 0; l < kLanes; ++l) {
+                  const auto v = f(av[l], bv[l], e + l, c);
+                  lane1[l] += v.first;
+                  lane2[l] += v.second;
+                }
+              } else {
+#pragma omp simd
+                for (int l = 0; l < kLanes; ++l) {
+                  const auto v = f(a[e + l], b[e + l], e + l, c);
+                  lane1[l] += v.first;
+                  lane2[l] += v.second;
+                }
               }
             }
             for (int l = 0; e < block_end; ++e, ++l) {
-              const auto v = f(e, c);
-              a[l] += v.first;
-              b[l] += v.second;
+              const auto v = f(ld(a, e), ld(b, e), e, c);
+              lane1[l] += v.first;
+              lane2[l] += v.second;
             }
-            p1[c] += sum_lanes(a);
-            p2[c] += sum_lanes(b);
+            p1[c] += sum_lanes(lane1);
+            p2[c] += sum_lanes(lane2);
           }
         }
         continue;
@@ -143,9 +290,9 @@ void channel_sums(const Layout& L, const F& f, std::vector<double>& sum1, std::v
         std::fill(row_b.begin(), row_b.end(), opmath_t(0));
         int64_t r = rb;
         if (four_rows) {
-          for (; r + 4 <= re; r += 4) add_rows<4>(f, r * C, C, pa, pb);
+          for (; r + 4 <= re; r += 4) add_rows<4>(f, a, b, r * C, C, pa, pb);
         }
-        for (; r < re; ++r) add_rows<1>(f, r * C, C, pa, pb);
+        for (; r < re; ++r) add_rows<1>(f, a, b, r * C, C, pa, pb);
         for (int64_t c = 0; c < C; ++c) {
           p1[c] += pa[c];
           p2[c] += pb[c];
@@ -188,31 +335,65 @@ inline void walk_ranges(int64_t u0, int64_t u1, int64_t chunk, bool last_chunk_f
 // 11-27 %, backward 10-23 % faster). (The sums gain from the wider vectors at any size.)
 constexpr int64_t kWideMapBytes = int64_t(2) << 20;
 
-// out[base + i] = g(base + i, channel(i)) for i in [0, n), W elements per vector: one plane of a channel
-// (NC*: channel(i) is that channel) or one row of channels (channels-last: channel(i) = i).
+// out[base + i] = g(a + base, b + base, i, channel(i)) for i in [0, n), W elements per vector: one plane of a
+// channel (NC*: channel(i) is that channel) or one row of channels (channels-last: channel(i) = i). a and b are
+// the stored tensors g reads (b may be null), g reads them at index i. The 16-bit types go eight at a time
+// through float arrays: g gets those, converted from a and b, and its results are rounded from one (with
+// c10::Half / c10::BFloat16's own conversions inside g the loop did not vectorize, or in 2-float pieces).
 template <int W, typename scalar_t, typename G, typename Channel>
-inline void map_run(scalar_t* out, const G& g, int64_t base, int64_t n, const Channel& channel) {
+inline void map_run(scalar_t* out, const scalar_t* a, const scalar_t* b, const G& g, int64_t base, int64_t n,
+                    const Channel& channel) {
+  if constexpr (kConvertsInBlocks<scalar_t>) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      alignas(32) float a8[8], b8[8], out8[8];
+      load8(a + base + j, a8);
+      if (b != nullptr) load8(b + base + j, b8);
+#pragma omp simd
+      for (int k = 0; k < 8; ++k) out8[k] = g(a8, b8, k, channel(j + k));
+      store8(out8, out + base + j);
+    }
+    for (; j < n; ++j) {
+      const float a1 = load_opmath<float>(a[base + j]);
+      const float b1 = b != nullptr ? load_opmath<float>(b[base + j]) : 0.0f;
+      out[base + j] = store_from_opmath<scalar_t>(g(&a1, &b1, 0, channel(j)));
+    }
+  } else {
+    const scalar_t* a_run = a + base;
+    const scalar_t* b_run = b != nullptr ? b + base : nullptr;
 #pragma omp simd simdlen(W)
-  for (int64_t i = 0; i < n; ++i) out[base + i] = static_cast<scalar_t>(g(base + i, channel(i)));
-}
-
-// Four channels-last rows of C elements from `base`, each channel's coefficients read once for all four (see
-// kManyRowsBytes).
-template <int W, typename scalar_t, typename G>
-inline void map_four_rows(scalar_t* out, const G& g, int64_t base, int64_t C) {
-#pragma omp simd simdlen(W)
-  for (int64_t i = 0; i < C; ++i) {
-    out[base + i] = static_cast<scalar_t>(g(base + i, i));
-    out[base + C + i] = static_cast<scalar_t>(g(base + C + i, i));
-    out[base + 2 * C + i] = static_cast<scalar_t>(g(base + 2 * C + i, i));
-    out[base + 3 * C + i] = static_cast<scalar_t>(g(base + 3 * C + i, i));
+    for (int64_t i = 0; i < n; ++i) out[base + i] = static_cast<scalar_t>(g(a_run, b_run, i, channel(i)));
   }
 }
 
-// out[idx] = g(idx, c) for every element; after_pass: the input was just read by a pass in memory order;
-// coefficient_arrays: how many per-channel arrays g reads.
+// Four channels-last rows of C elements from `base`, each channel's coefficients read once for all four (see
+// kManyRowsBytes). (The 16-bit types take the rows one at a time.)
+template <int W, typename scalar_t, typename G>
+inline void map_four_rows(scalar_t* out, const scalar_t* a, const scalar_t* b, const G& g, int64_t base, int64_t C) {
+  const auto row_channel = [](int64_t i) { return i; };
+  if constexpr (kConvertsInBlocks<scalar_t>) {
+    for (int k = 0; k < 4; ++k) map_run<W>(out, a, b, g, base + k * C, C, row_channel);
+  } else {
+    const scalar_t* r0 = a + base;
+    const scalar_t* s0 = b != nullptr ? b + base : nullptr;
+    const auto row = [C](const scalar_t* p, int k) { return p != nullptr ? p + k * C : nullptr; };
+    const scalar_t *r1 = row(r0, 1), *r2 = row(r0, 2), *r3 = row(r0, 3);
+    const scalar_t *s1 = row(s0, 1), *s2 = row(s0, 2), *s3 = row(s0, 3);
+#pragma omp simd simdlen(W)
+    for (int64_t i = 0; i < C; ++i) {
+      out[base + i] = static_cast<scalar_t>(g(r0, s0, i, i));
+      out[base + C + i] = static_cast<scalar_t>(g(r1, s1, i, i));
+      out[base + 2 * C + i] = static_cast<scalar_t>(g(r2, s2, i, i));
+      out[base + 3 * C + i] = static_cast<scalar_t>(g(r3, s3, i, i));
+    }
+  }
+}
+
+// out[idx] = g(a, b, idx, c) for every element (see map_run); after_pass: the input was just read by a pass in
+// memory order; coefficient_arrays: how many per-channel arrays g reads.
 template <typename opmath_t, typename scalar_t, typename G>
-void channel_map(const Layout& L, scalar_t* out, const G& g, bool after_pass, int coefficient_arrays) {
+void channel_map(const Layout& L, scalar_t* out, const scalar_t* a, const scalar_t* b, const G& g, bool after_pass,
+                 int coefficient_arrays) {
   const int64_t C = L.C;
   if (L.rows == 0 || C == 0) return;
   const int64_t unit_bytes = (L.channels_last ? C : L.inner) * static_cast<int64_t>(sizeof(scalar_t));
@@ -221,10 +402,10 @@ void channel_map(const Layout& L, scalar_t* out, const G& g, bool after_pass, in
   if (!L.channels_last) {
     const int64_t S = L.inner;
     at::parallel_for(0, L.N * C, std::max<int64_t>(1, kGrainElements / S), [&](int64_t p0, int64_t p1) {
-      walk_ranges(p0, p1, chunk, after_pass, [&](int64_t a, int64_t b) {
-        for (int64_t p = a, c = a % C; p < b; ++p, c = c + 1 == C ? 0 : c + 1) {
+      walk_ranges(p0, p1, chunk, after_pass, [&](int64_t u0, int64_t u1) {
+        for (int64_t p = u0, c = u0 % C; p < u1; ++p, c = c + 1 == C ? 0 : c + 1) {
           const auto plane_channel = [c](int64_t) { return c; };
-          wide ? map_run<8>(out, g, p * S, S, plane_channel) : map_run<4>(out, g, p * S, S, plane_channel);
+          wide ? map_run<8>(out, a, b, g, p * S, S, plane_channel) : map_run<4>(out, a, b, g, p * S, S, plane_channel);
         }
       });
     });
@@ -232,16 +413,16 @@ void channel_map(const Layout& L, scalar_t* out, const G& g, bool after_pass, in
   }
   const bool four_rows = coefficient_arrays >= 3 && C * static_cast<int64_t>(sizeof(opmath_t)) >= kManyRowsBytes;
   at::parallel_for(0, L.rows, std::max<int64_t>(1, kGrainElements / C), [&](int64_t r0, int64_t r1) {
-    walk_ranges(r0, r1, chunk, after_pass, [&](int64_t a, int64_t b) {
+    walk_ranges(r0, r1, chunk, after_pass, [&](int64_t u0, int64_t u1) {
       const auto row_channel = [](int64_t i) { return i; };
-      int64_t r = a;
+      int64_t r = u0;
       if (four_rows) {
-        for (; r + 4 <= b; r += 4) {
-          wide ? map_four_rows<8>(out, g, r * C, C) : map_four_rows<4>(out, g, r * C, C);
+        for (; r + 4 <= u1; r += 4) {
+          wide ? map_four_rows<8>(out, a, b, g, r * C, C) : map_four_rows<4>(out, a, b, g, r * C, C);
         }
       }
-      for (; r < b; ++r) {
-        wide ? map_run<8>(out, g, r * C, C, row_channel) : map_run<4>(out, g, r * C, C, row_channel);
+      for (; r < u1; ++r) {
+        wide ? map_run<8>(out, a, b, g, r * C, C, row_channel) : map_run<4>(out, a, b, g, r * C, C, row_channel);
       }
     });
   });
@@ -253,8 +434,8 @@ template <typename scalar_t>
 void Kernels::moments_sums(const Layout& L, const scalar_t* x, const opmath<scalar_t>* shift,
                            std::vector<double>& sum, std::vector<double>& sum_sq) {
   using opmath_t = opmath<scalar_t>;
-  channel_sums<opmath_t>(L, [=](int64_t i, int64_t c) {
-    const opmath_t d = static_cast<opmath_t>(x[i]) - shift[c];
+  channel_sums<opmath_t>(L, x, x, [=](opmath_t xv, opmath_t, int64_t, int64_t c) {
+    const opmath_t d = xv - shift[c];
     return std::make_pair(d, d * d);
   }, sum, sum_sq);
 }
@@ -264,8 +445,8 @@ void Kernels::affine_map(const Layout& L, const scalar_t* x, const opmath<scalar
                          const opmath<scalar_t>* scale, const opmath<scalar_t>* bias, scalar_t* out,
                          bool after_pass) {
   using opmath_t = opmath<scalar_t>;
-  channel_map<opmath_t>(L, out, [=](int64_t i, int64_t c) {
-    return (static_cast<opmath_t>(x[i]) - mean[c]) * scale[c] + bias[c];
+  channel_map<opmath_t>(L, out, x, static_cast<const scalar_t*>(nullptr), [=](const auto* xs, const auto*, int64_t i, int64_t c) {
+    return (static_cast<opmath_t>(xs[i]) - mean[c]) * scale[c] + bias[c];
   }, after_pass, /*coefficient_arrays=*/3);
 }
 
@@ -275,15 +456,13 @@ void Kernels::backward_sums(const Layout& L, const scalar_t* dy, const scalar_t*
                             std::vector<double>& sum_dy_xmu) {
   using opmath_t = opmath<scalar_t>;
   if (dx != nullptr) {
-    channel_sums<opmath_t>(L, [=](int64_t i, int64_t c) {
-      const opmath_t g = static_cast<opmath_t>(dy[i]);
-      dx[i] = static_cast<scalar_t>(g * dx_scale[c]);
-      return std::make_pair(g, g * (static_cast<opmath_t>(x[i]) - mean[c]));
+    channel_sums<opmath_t>(L, dy, x, [=](opmath_t g, opmath_t xv, int64_t i, int64_t c) {
+      dx[i] = store_from_opmath<scalar_t>(g * dx_scale[c]);
+      return std::make_pair(g, g * (xv - mean[c]));
     }, sum_dy, sum_dy_xmu);
   } else {
-    channel_sums<opmath_t>(L, [=](int64_t i, int64_t c) {
-      const opmath_t g = static_cast<opmath_t>(dy[i]);
-      return std::make_pair(g, g * (static_cast<opmath_t>(x[i]) - mean[c]));
+    channel_sums<opmath_t>(L, dy, x, [=](opmath_t g, opmath_t xv, int64_t, int64_t c) {
+      return std::make_pair(g, g * (xv - mean[c]));
     }, sum_dy, sum_dy_xmu);
   }
 }
@@ -293,16 +472,17 @@ void Kernels::grad_input_map(const Layout& L, const scalar_t* dy, const scalar_t
                              const opmath<scalar_t>* gain, const opmath<scalar_t>* xmu_coef,
                              const opmath<scalar_t>* offset, scalar_t* dx) {
   using opmath_t = opmath<scalar_t>;
-  channel_map<opmath_t>(L, dx, [=](int64_t i, int64_t c) {
-    return static_cast<opmath_t>(dy[i]) * gain[c] + (static_cast<opmath_t>(x[i]) - mean[c]) * xmu_coef[c] + offset[c];
+  channel_map<opmath_t>(L, dx, dy, x, [=](const auto* dys, const auto* xs, int64_t i, int64_t c) {
+    return static_cast<opmath_t>(dys[i]) * gain[c] + (static_cast<opmath_t>(xs[i]) - mean[c]) * xmu_coef[c] + offset[c];
   }, /*after_pass=*/true, /*coefficient_arrays=*/4);
 }
 
 template <typename scalar_t>
 void Kernels::scale_map(const Layout& L, const scalar_t* dy, const opmath<scalar_t>* gain, scalar_t* dx) {
   using opmath_t = opmath<scalar_t>;
-  channel_map<opmath_t>(L, dx, [=](int64_t i, int64_t c) { return static_cast<opmath_t>(dy[i]) * gain[c]; },
-              /*after_pass=*/false, /*coefficient_arrays=*/1);
+  channel_map<opmath_t>(L, dx, dy, static_cast<const scalar_t*>(nullptr),
+                        [=](const auto* dys, const auto*, int64_t i, int64_t c) { return static_cast<opmath_t>(dys[i]) * gain[c]; },
+                        /*after_pass=*/false, /*coefficient_arrays=*/1);
 }
 
 #define BNX_INSTANTIATE_CPU_KERNELS(scalar_t)                                                                    \
