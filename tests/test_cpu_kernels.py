@@ -182,11 +182,12 @@ def test_16bit_maps_round_every_value_as_torch(dtype, layout, scale):
     kernels, c10's bit arithmetic in the baseline ones). With coefficients that make each pass a multiply by
     `scale`, every 16-bit value (infinities, NaN, subnormals) must come out as torch's float32 product rounded
     to the type: the normalize, the frozen dx alone and inside the gradient sums, and the batch dx. C = 13 and
-    71-element planes leave a tail after the blocks of eight in both layouts."""
+    5183-element planes leave tails after the blocks of eight (and the sums' blocks of 16 lanes) in both
+    layouts."""
     g = torch.Generator().manual_seed(0)
     values = _every_16bit_value(dtype)
-    shape = (1, 13, 72, 71)
-    n = 13 * 72 * 71
+    shape = (1, 13, 71, 73)
+    n = 13 * 71 * 73
     extra = values[torch.randint(0, values.numel(), (n - values.numel(),), generator=g)]
     x = torch.cat([values, extra])[torch.randperm(n, generator=g)].reshape(shape)
     dy = x.flip(-1)
