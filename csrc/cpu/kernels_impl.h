@@ -105,22 +105,6 @@ inline void store8(const float* src, scalar_t* dst) {
 #endif
 }
 
-// The first n (< 8) of eight values: through a zero-padded copy, so that the conversions stay eight-wide for
-// the tail of a plane or block, and nothing is read or written past the n elements.
-template <typename scalar_t>
-inline void load_partial(const scalar_t* src, float* dst, int64_t n) {
-  scalar_t tmp[8] = {};
-  for (int64_t k = 0; k < n; ++k) tmp[k] = src[k];
-  load8(tmp, dst);
-}
-
-template <typename scalar_t>
-inline void store_partial(const float* src, scalar_t* dst, int64_t n) {
-  scalar_t tmp[8];
-  store8(src, tmp);
-  for (int64_t k = 0; k < n; ++k) dst[k] = tmp[k];
-}
-
 constexpr int64_t kGrainElements = 1 << 15;  // elements per parallel task, at least
 constexpr int kLanes = 16;                   // independent partial sums in the plane-wise reductions
 constexpr int64_t kOpmathRun = 256;          // values one opmath accumulator adds before its sum moves into double
@@ -170,7 +154,7 @@ struct ScaledCopy {
 // pa[c] += sum over R rows of f(.).first, pb[c] likewise with .second, for the R rows from `base` (each
 // C elements). The R values are added among themselves first (pairwise), then into the accumulator.
 // f(a value, b value, index, channel); the 16-bit types are converted eight channels at a time (load8).
-template <int R, typename opmath_t, typename scalar_t, typename F>
+template <int R, bool kCopy, typename opmath_t, typename scalar_t, typename F>
 inline void add_rows(const F& f, const scalar_t* a, const scalar_t* b, int64_t base, int64_t C, opmath_t* pa,
                      opmath_t* pb, const ScaledCopy<scalar_t, opmath_t>& copy) {
   static_assert(R == 1 || R == 4, "rows per accumulator update: 1 or 4");
@@ -181,7 +165,7 @@ inline void add_rows(const F& f, const scalar_t* a, const scalar_t* b, int64_t b
       for (int r = 0; r < R; ++r) {
         load8(a + base + r * C + c0, av[r]);
         load8(b + base + r * C + c0, bv[r]);
-        if (copy.out != nullptr) copy.template write8<false>(av[r], base + r * C + c0, c0);
+        if constexpr (kCopy) copy.template write8<false>(av[r], base + r * C + c0, c0);
       }
 #pragma omp simd
       for (int k = 0; k < 8; ++k) {
@@ -203,11 +187,9 @@ inline void add_rows(const F& f, const scalar_t* a, const scalar_t* b, int64_t b
   }
   // (For the 16-bit types, the last C % 8 channels.)
   const auto ld = [](const scalar_t* p, int64_t i) { return load_opmath<opmath_t>(p[i]); };
-  if constexpr (kConvertsInBlocks<scalar_t>) {
-    if (copy.out != nullptr) {
-      for (int r = 0; r < R; ++r) {
-        for (int64_t c = c0; c < C; ++c) copy.write1(ld(a, base + r * C + c), base + r * C + c, c);
-      }
+  if constexpr (kCopy) {
+    for (int r = 0; r < R; ++r) {
+      for (int64_t c = c0; c < C; ++c) copy.write1(ld(a, base + r * C + c), base + r * C + c, c);
     }
   }
 #pragma omp simd
@@ -234,8 +216,9 @@ inline void add_rows(const F& f, const scalar_t* a, const scalar_t* b, int64_t b
 // partial sums; the partials are then added in slice order, so the result does not depend on thread timing.
 // Reading in memory order (rather than channel by channel, which in NC* memory jumps between the N planes
 // of a channel) keeps the hardware prefetchers ahead of the loads.
-// copy: see ScaledCopy (16-bit types only).
-template <typename opmath_t, typename scalar_t, typename F>
+// kCopy: also write copy (ScaledCopy; 16-bit types only). A template switch: a run-time test of copy.out in
+// these loops made the sums without it slower (channels-last training 1.18x-1.26x -> 0.98x-1.17x native).
+template <typename opmath_t, bool kCopy = false, typename scalar_t, typename F>
 void channel_sums(const Layout& L, const scalar_t* a, const scalar_t* b, const F& f, std::vector<double>& sum1,
                   std::vector<double>& sum2, const ScaledCopy<scalar_t, opmath_t>& copy = {}) {
   const auto ld = [](const scalar_t* p, int64_t i) { return load_opmath<opmath_t>(p[i]); };
@@ -267,9 +250,7 @@ void channel_sums(const Layout& L, const scalar_t* a, const scalar_t* b, const F
             const int64_t end = std::min(e1, (plane + 1) * S);
             opmath_t plane1 = 0, plane2 = 0;
             for (; e < end; ++e) {
-              if constexpr (kConvertsInBlocks<scalar_t>) {
-                if (copy.out != nullptr) copy.write1(ld(a, e), e, c);
-              }
+              if constexpr (kCopy) copy.write1(ld(a, e), e, c);
               const auto v = f(ld(a, e), ld(b, e), e, c);
               plane1 += v.first;
               plane2 += v.second;
@@ -295,7 +276,7 @@ void channel_sums(const Layout& L, const scalar_t* a, const scalar_t* b, const F
                 for (int l = 0; l < kLanes; l += 8) {
                   load8(a + e + l, av + l);
                   load8(b + e + l, bv + l);
-                  if (copy.out != nullptr) copy.template write8<true>(av + l, e + l, c);
+                  if constexpr (kCopy) copy.template write8<true>(av + l, e + l, c);
                 }
 #pragma omp simd
                 for (int l = 0; l < kLanes; ++l) {
@@ -312,31 +293,11 @@ void channel_sums(const Layout& L, const scalar_t* a, const scalar_t* b, const F
                 }
               }
             }
-            if constexpr (kConvertsInBlocks<scalar_t>) {
-              // The block's last (< 16) elements, eight at a time through zero-padded copies.
-              for (int64_t l0 = 0; e < block_end; l0 += 8) {
-                const int64_t m = std::min<int64_t>(8, block_end - e);
-                alignas(32) float av[8], bv[8];
-                load_partial(a + e, av, m);
-                load_partial(b + e, bv, m);
-                if (copy.out != nullptr) {
-                  alignas(32) float o[8];
-                  for (int k = 0; k < 8; ++k) o[k] = av[k] * copy.scale[c];
-                  store_partial(o, copy.out + e, m);
-                }
-                for (int k = 0; k < m; ++k) {
-                  const auto v = f(av[k], bv[k], e + k, c);
-                  lane1[l0 + k] += v.first;
-                  lane2[l0 + k] += v.second;
-                }
-                e += m;
-              }
-            } else {
-              for (int l = 0; e < block_end; ++e, ++l) {
-                const auto v = f(a[e], b[e], e, c);
-                lane1[l] += v.first;
-                lane2[l] += v.second;
-              }
+            for (int l = 0; e < block_end; ++e, ++l) {
+              if constexpr (kCopy) copy.write1(ld(a, e), e, c);
+              const auto v = f(ld(a, e), ld(b, e), e, c);
+              lane1[l] += v.first;
+              lane2[l] += v.second;
             }
             p1[c] += sum_lanes(lane1);
             p2[c] += sum_lanes(lane2);
@@ -360,9 +321,9 @@ void channel_sums(const Layout& L, const scalar_t* a, const scalar_t* b, const F
         std::fill(row_b.begin(), row_b.end(), opmath_t(0));
         int64_t r = rb;
         if (four_rows) {
-          for (; r + 4 <= re; r += 4) add_rows<4>(f, a, b, r * C, C, pa, pb, copy);
+          for (; r + 4 <= re; r += 4) add_rows<4, kCopy>(f, a, b, r * C, C, pa, pb, copy);
         }
-        for (; r < re; ++r) add_rows<1>(f, a, b, r * C, C, pa, pb, copy);
+        for (; r < re; ++r) add_rows<1, kCopy>(f, a, b, r * C, C, pa, pb, copy);
         for (int64_t c = 0; c < C; ++c) {
           p1[c] += pa[c];
           p2[c] += pb[c];
@@ -423,13 +384,12 @@ inline void map_run(scalar_t* out, const scalar_t* a, const scalar_t* b, const G
       for (int k = 0; k < 8; ++k) out8[k] = g(a8, b8, k, channel(j + k));
       store8(out8, out + base + j);
     }
-    if (j < n) {  // the last n % 8 elements
-      const int64_t m = n - j;
-      alignas(32) float a8[8], b8[8] = {}, out8[8] = {};
-      load_partial(a + base + j, a8, m);
-      if (b != nullptr) load_partial(b + base + j, b8, m);
-      for (int k = 0; k < m; ++k) out8[k] = g(a8, b8, k, channel(j + k));
-      store_partial(out8, out + base + j, m);
+    // The last n % 8 elements one at a time (through zero-padded eight-wide copies they were slower: bfloat16
+    // eval forward at (64,256,14,14), 196-element planes, 0.90x-0.95x -> 0.80x-0.83x native).
+    for (; j < n; ++j) {
+      const float a1 = load_opmath<float>(a[base + j]);
+      const float b1 = b != nullptr ? load_opmath<float>(b[base + j]) : 0.0f;
+      out[base + j] = store_from_opmath<scalar_t>(g(&a1, &b1, 0, channel(j)));
     }
   } else {
     const scalar_t* a_run = a + base;
@@ -529,11 +489,14 @@ void Kernels::backward_sums(const Layout& L, const scalar_t* dy, const scalar_t*
                             std::vector<double>& sum_dy_xmu) {
   using opmath_t = opmath<scalar_t>;
   if constexpr (kConvertsInBlocks<scalar_t>) {
-    // The 16-bit types: dx written by the sums eight at a time (ScaledCopy; out null when no dx is wanted).
-    channel_sums<opmath_t>(L, dy, x, [=](opmath_t g, opmath_t xv, int64_t, int64_t c) {
-      return std::make_pair(g, g * (xv - mean[c]));
-    }, sum_dy, sum_dy_xmu, ScaledCopy<scalar_t, opmath_t>{dx, dx_scale});
-  } else if (dx != nullptr) {
+    if (dx != nullptr) {  // dx written by the sums eight at a time (ScaledCopy)
+      channel_sums<opmath_t, true>(L, dy, x, [=](opmath_t g, opmath_t xv, int64_t, int64_t c) {
+        return std::make_pair(g, g * (xv - mean[c]));
+      }, sum_dy, sum_dy_xmu, ScaledCopy<scalar_t, opmath_t>{dx, dx_scale});
+      return;
+    }
+  }
+  if (dx != nullptr) {
     channel_sums<opmath_t>(L, dy, x, [=](opmath_t g, opmath_t xv, int64_t i, int64_t c) {
       dx[i] = store_from_opmath<scalar_t>(g * dx_scale[c]);
       return std::make_pair(g, g * (xv - mean[c]));
