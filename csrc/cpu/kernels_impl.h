@@ -12,7 +12,8 @@ namespace {
 // with masks instead of branches and selects, which GCC turns into control flow that stops the loop from
 // vectorizing: with c10::Half / c10::BFloat16's casts the half types ran one element at a time (2-vCPU AMD
 // EPYC, (16,64,56,56): half eval forward 12x, bfloat16 4x slower than native). The results are bit for bit
-// c10's (tests/test_numerics.py checks every 16-bit pattern).
+// c10's. These serve the tails and the baseline kernels; the blocks of eight go through load8 / store8
+// (tests/test_cpu_kernels.py checks every 16-bit pattern through both).
 inline float float_from_bits(uint32_t u) { return c10::bit_cast<float>(u); }
 inline uint32_t bits_from_float(float f) { return c10::bit_cast<uint32_t>(f); }
 // All ones where `cond`, else zero.
@@ -62,7 +63,7 @@ inline scalar_t store_from_opmath(opmath_t v) {
   }
 }
 
-// Whether a stored type is converted to and from float eight at a time by the maps (the 16-bit types).
+// Whether a stored type is converted to and from float eight at a time by the maps and sums (the 16-bit types).
 template <typename scalar_t>
 constexpr bool kConvertsInBlocks = std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
 
@@ -134,7 +135,7 @@ constexpr int64_t kManyRowsBytes = 8 << 10;
 // out[i] = a[i] * scale[c], written by the sums' pass over a (the frozen dx inside the gradient sums), for the
 // 16-bit types: eight at a time through store8, where the sums' function would round one element at a time
 // (F16C cannot vectorize there: float16's frozen_bwd_wgrad ran at 0.71x-0.80x native in channels-last). The
-// other types write it from the sums' function. out null: nothing to write.
+// other types write it from the sums' function.
 template <typename scalar_t, typename opmath_t>
 struct ScaledCopy {
   scalar_t* out = nullptr;
