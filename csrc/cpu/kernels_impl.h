@@ -489,22 +489,20 @@ void Kernels::backward_sums(const Layout& L, const scalar_t* dy, const scalar_t*
                             const opmath<scalar_t>* dx_scale, scalar_t* dx, std::vector<double>& sum_dy,
                             std::vector<double>& sum_dy_xmu) {
   using opmath_t = opmath<scalar_t>;
-  if constexpr (kConvertsInBlocks<scalar_t>) {
-    if (dx != nullptr) {  // dx written by the sums eight at a time (ScaledCopy)
-      channel_sums<opmath_t, true>(L, dy, x, [=](opmath_t g, opmath_t xv, int64_t, int64_t c) {
-        return std::make_pair(g, g * (xv - mean[c]));
-      }, sum_dy, sum_dy_xmu, ScaledCopy<scalar_t, opmath_t>{dx, dx_scale});
-      return;
-    }
+  // Per element: (dy, dy * (x - mean)), the two sums the batch formula and dweight need.
+  const auto grad_terms = [=](opmath_t g, opmath_t xv, int64_t, int64_t c) {
+    return std::make_pair(g, g * (xv - mean[c]));
+  };
+  if (dx == nullptr) {
+    channel_sums<opmath_t>(L, dy, x, grad_terms, sum_dy, sum_dy_xmu);
+    return;
   }
-  if (dx != nullptr) {
+  if constexpr (kConvertsInBlocks<scalar_t>) {  // dx written by the sums eight at a time (ScaledCopy)
+    channel_sums<opmath_t, true>(L, dy, x, grad_terms, sum_dy, sum_dy_xmu, ScaledCopy<scalar_t, opmath_t>{dx, dx_scale});
+  } else {
     channel_sums<opmath_t>(L, dy, x, [=](opmath_t g, opmath_t xv, int64_t i, int64_t c) {
       dx[i] = store_from_opmath<scalar_t>(g * dx_scale[c]);
-      return std::make_pair(g, g * (xv - mean[c]));
-    }, sum_dy, sum_dy_xmu);
-  } else {
-    channel_sums<opmath_t>(L, dy, x, [=](opmath_t g, opmath_t xv, int64_t, int64_t c) {
-      return std::make_pair(g, g * (xv - mean[c]));
+      return grad_terms(g, xv, i, c);
     }, sum_dy, sum_dy_xmu);
   }
 }
