@@ -106,6 +106,30 @@ inline void store8(const float* src, scalar_t* dst) {
 #endif
 }
 
+// Eight floats as one value (GCC / Clang vector extension; two SSE registers in the baseline kernels), for
+// accumulators the compiler must keep in registers: float arrays indexed in a loop stayed on the stack, and
+// each iteration's adds went through memory (the 16-bit NC* sums: a read-only pass at 7 GB/s).
+// (Its functions have internal linkage, so GCC's note that passing it without AVX changes the ABI is moot.)
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float Float8 __attribute__((vector_size(32)));
+typedef int32_t Int8 __attribute__((vector_size(32)));
+
+template <typename scalar_t>
+inline Float8 load8v(const scalar_t* src) {
+  alignas(32) float f[8];
+  load8(src, f);
+  Float8 v;
+  std::memcpy(&v, f, sizeof(v));
+  return v;
+}
+
+template <typename scalar_t>
+inline void store8v(Float8 v, scalar_t* dst) {
+  alignas(32) float f[8];
+  std::memcpy(f, &v, sizeof(v));
+  store8(f, dst);
+}
+
 constexpr int64_t kGrainElements = 1 << 15;  // elements per parallel task, at least
 constexpr int kLanes = 16;                   // independent partial sums in the plane-wise reductions
 constexpr int64_t kOpmathRun = 256;          // values one opmath accumulator adds before its sum moves into double
@@ -149,6 +173,7 @@ struct ScaledCopy {
     for (int k = 0; k < 8; ++k) o[k] = a8[k] * scale[kOneChannel ? c : c + k];
     store8(o, out + i);
   }
+  inline void write8(Float8 a8, int64_t i, int64_t c) const { store8v(a8 * scale[c], out + i); }
   inline void write1(opmath_t a1, int64_t i, int64_t c) const { out[i] = store_from_opmath<scalar_t>(a1 * scale[c]); }
 };
 
@@ -266,26 +291,52 @@ void channel_sums(const Layout& L, const scalar_t* a, const scalar_t* b, const F
         for (int64_t e = e0, plane = e0 / S, c = plane % C; e < e1; ++plane, c = c + 1 == C ? 0 : c + 1) {
           const int64_t end = std::min(e1, (plane + 1) * S);
           for (; e < end;) {
-            const int64_t block_end = std::min(end, e + kBlock);
+            const int64_t block_start = e, block_end = std::min(end, e + kBlock);
             // Independent lanes the compiler maps onto vector registers (a reduction into one scalar
             // would not vectorize without reassociation).
             opmath_t lane1[kLanes] = {}, lane2[kLanes] = {};
-            for (; e + kLanes <= block_end; e += kLanes) {
-              if constexpr (kConvertsInBlocks<scalar_t>) {
-                // The 16-bit types: converted eight at a time first (load8).
-                alignas(32) float av[kLanes], bv[kLanes];
-                for (int l = 0; l < kLanes; l += 8) {
-                  load8(a + e + l, av + l);
-                  load8(b + e + l, bv + l);
-                  if constexpr (kCopy) copy.template write8<true>(av + l, e + l, c);
+            if constexpr (kConvertsInBlocks<scalar_t>) {
+              static_assert(kLanes == 16, "the 16-bit sums keep the lanes as two Float8 per sum");
+              // The 16-bit types: f gets eight converted values at a time (as Float8), the sums stay in
+              // registers (Float8 variables).
+              Float8 sum1_lo = {}, sum1_hi = {}, sum2_lo = {}, sum2_hi = {};
+              // kLanes elements from s, the first `skip` of them left out of the sums (masked, as their
+              // values may be inf or NaN).
+              const auto add_converted = [&](int64_t s, int skip) {
+                const Float8 a_lo = load8v(a + s), a_hi = load8v(a + s + 8);
+                const Float8 b_lo = load8v(b + s), b_hi = load8v(b + s + 8);
+                if constexpr (kCopy) {
+                  copy.write8(a_lo, s, c);
+                  copy.write8(a_hi, s + 8, c);
                 }
-#pragma omp simd
-                for (int l = 0; l < kLanes; ++l) {
-                  const auto v = f(av[l], bv[l], e + l, c);
-                  lane1[l] += v.first;
-                  lane2[l] += v.second;
+                const auto lo = f(a_lo, b_lo, s, c), hi = f(a_hi, b_hi, s + 8, c);
+                if (skip == 0) {
+                  sum1_lo += lo.first;
+                  sum1_hi += hi.first;
+                  sum2_lo += lo.second;
+                  sum2_hi += hi.second;
+                  return;
                 }
-              } else {
+                const Int8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+                const Int8 keep_lo = lane >= skip, keep_hi = lane + 8 >= skip;  // all ones or zero
+                sum1_lo += (Float8)((Int8)lo.first & keep_lo);
+                sum1_hi += (Float8)((Int8)hi.first & keep_hi);
+                sum2_lo += (Float8)((Int8)lo.second & keep_lo);
+                sum2_hi += (Float8)((Int8)hi.second & keep_hi);
+              };
+              for (; e + kLanes <= block_end; e += kLanes) add_converted(e, 0);
+              // The last block_end - e (< kLanes) elements: the kLanes ending at block_end, those before e
+              // masked off (and their copies rewritten with the same values).
+              if (e < block_end && block_end - kLanes >= block_start) {
+                add_converted(block_end - kLanes, static_cast<int>(e - (block_end - kLanes)));
+                e = block_end;
+              }
+              std::memcpy(lane1, &sum1_lo, sizeof(Float8));
+              std::memcpy(lane1 + 8, &sum1_hi, sizeof(Float8));
+              std::memcpy(lane2, &sum2_lo, sizeof(Float8));
+              std::memcpy(lane2 + 8, &sum2_hi, sizeof(Float8));
+            } else {
+              for (; e + kLanes <= block_end; e += kLanes) {
 #pragma omp simd
                 for (int l = 0; l < kLanes; ++l) {
                   const auto v = f(a[e + l], b[e + l], e + l, c);
@@ -294,6 +345,7 @@ void channel_sums(const Layout& L, const scalar_t* a, const scalar_t* b, const F
                 }
               }
             }
+            // (Short blocks: one element at a time.)
             for (int l = 0; e < block_end; ++e, ++l) {
               if constexpr (kCopy) copy.write1(ld(a, e), e, c);
               const auto v = f(ld(a, e), ld(b, e), e, c);
@@ -376,17 +428,22 @@ template <int W, typename scalar_t, typename G, typename Channel>
 inline void map_run(scalar_t* out, const scalar_t* a, const scalar_t* b, const G& g, int64_t base, int64_t n,
                     const Channel& channel) {
   if constexpr (kConvertsInBlocks<scalar_t>) {
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
+    const auto block = [&](int64_t j) {
       alignas(32) float a8[8], b8[8], out8[8];
       load8(a + base + j, a8);
       if (b != nullptr) load8(b + base + j, b8);
 #pragma omp simd
       for (int k = 0; k < 8; ++k) out8[k] = g(a8, b8, k, channel(j + k));
       store8(out8, out + base + j);
+    };
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) block(j);
+    if (j < n && n >= 8) {
+      // The last n % 8 elements: the eight ending at n again, which rewrites up to seven outputs with the same
+      // values (out never overlaps a or b). One at a time they cost a quarter of a 196-element plane's time.
+      block(n - 8);
+      return;
     }
-    // The last n % 8 elements one at a time (through zero-padded eight-wide copies they were slower: bfloat16
-    // eval forward at (64,256,14,14), 196-element planes, 0.90x-0.95x -> 0.80x-0.83x native).
     for (; j < n; ++j) {
       const float a1 = load_opmath<float>(a[base + j]);
       const float b1 = b != nullptr ? load_opmath<float>(b[base + j]) : 0.0f;
@@ -468,8 +525,8 @@ template <typename scalar_t>
 void Kernels::moments_sums(const Layout& L, const scalar_t* x, const opmath<scalar_t>* shift,
                            std::vector<double>& sum, std::vector<double>& sum_sq) {
   using opmath_t = opmath<scalar_t>;
-  channel_sums<opmath_t>(L, x, x, [=](opmath_t xv, opmath_t, int64_t, int64_t c) {
-    const opmath_t d = xv - shift[c];
+  channel_sums<opmath_t>(L, x, x, [=](auto xv, auto, int64_t, int64_t c) {  // xv: opmath_t or Float8
+    const auto d = xv - shift[c];
     return std::make_pair(d, d * d);
   }, sum, sum_sq);
 }
@@ -490,7 +547,7 @@ void Kernels::backward_sums(const Layout& L, const scalar_t* dy, const scalar_t*
                             std::vector<double>& sum_dy_xmu) {
   using opmath_t = opmath<scalar_t>;
   // Per element: (dy, dy * (x - mean)), the two sums the batch formula and dweight need.
-  const auto grad_terms = [=](opmath_t g, opmath_t xv, int64_t, int64_t c) {
+  const auto grad_terms = [=](auto g, auto xv, int64_t, int64_t c) {  // g, xv: opmath_t or Float8
     return std::make_pair(g, g * (xv - mean[c]));
   };
   if (dx == nullptr) {
