@@ -235,3 +235,43 @@ def test_16bit_sums_read_every_value(dtype, layout):
     sum_dy, sum_dy_xmu = torch.ops.bnx.batch_norm_backward_reduce(ones, holder, zeros, unit)
     _assert_same_values(sum_dy, torch.full((C,), float(M)), "sum(dy), dy all ones")
     _assert_same_values(sum_dy_xmu, expected, "sum(dy * x), x holding the values")
+
+
+# (N, C, plane) for the tail test: every plane length up to 40 (shorter than a block of 8, of 16 lanes, between
+# them, just over), a 196-element plane, and inputs of several slices whose edges fall inside planes.
+_TAIL_SHAPES = [(3, 5, S) for S in range(1, 41)] + [(3, 5, 196), (7, 5, 1001), (2, 3, 12347), (41, 7, 197)]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_16bit_tails_every_plane_length(dtype, layout):
+    """The 16-bit passes' tails: the maps' last n % 8 elements are the eight ending at n again, the NC* sums'
+    last elements of a block the 16 ending there with the ones already added masked off. With small integers
+    every sum is exact, so an element added twice or missed, or an output left unwritten, shows. "cl" puts the
+    plane length in the channels (rows of 1-40 channels)."""
+    g = torch.Generator().manual_seed(1)
+    ops = torch.ops.bnx
+    for N, C, S in _TAIL_SHAPES:
+        if layout == "cl":
+            N, C, S = N * S, S, 1  # rows of S channels
+            if C > 64:
+                continue
+        x = torch.randint(-8, 9, (N, C, S, 1), generator=g).to(dtype)
+        dy = torch.randint(-8, 9, (N, C, S, 1), generator=g).to(dtype)
+        if layout == "cl":
+            x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+        what = f"{tuple(x.shape)} {layout}"
+        dims = (0, 2, 3)
+        zeros, ones, scale = torch.zeros(C), torch.ones(C), torch.full((C,), 0.7)
+        sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(dy, x, zeros, ones)
+        _assert_same_values(sum_dy, dy.float().sum(dims), f"sum(dy) {what}")
+        _assert_same_values(sum_dy_xmu, (dy.float() * x.float()).sum(dims), f"sum(dy * x) {what}")
+        mean, _ = ops.batch_norm_stats(x, None, None, None, 0.1, 1e-5)
+        torch.testing.assert_close(mean, x.double().mean(dims).float(), rtol=1e-6, atol=1e-6, msg=what)
+        _assert_same_values(ops.batch_norm_elemt(x, None, None, zeros, scale), (x.float() * 0.7).to(dtype),
+                            f"normalize {what}")
+        dx, grad_weight, grad_bias = ops.batch_norm_backward(dy, x, zeros, scale, None, "frozen", [True, True, True])
+        _assert_same_values(dx, (dy.float() * 0.7).to(dtype), f"frozen dx in the gradient sums {what}")
+        torch.testing.assert_close(grad_bias, dy.float().sum(dims), rtol=0, atol=0, msg=what)
+        torch.testing.assert_close(grad_weight, (dy.float() * x.float()).sum(dims) * 0.7, rtol=1e-6, atol=1e-6,
+                                   msg=what)

@@ -109,7 +109,8 @@ inline void store8(const float* src, scalar_t* dst) {
 // Eight floats as one value (GCC / Clang vector extension; two SSE registers in the baseline kernels), for
 // accumulators the compiler must keep in registers: float arrays indexed in a loop stayed on the stack, and
 // each iteration's adds went through memory (the 16-bit NC* sums: a read-only pass at 7 GB/s).
-// (Its functions have internal linkage, so GCC's note that passing it without AVX changes the ABI is moot.)
+// (Functions that return it have internal linkage, so GCC's warning that returning it without AVX changes the
+// ABI is moot. Parameters take it by reference, where GCC would note the same.)
 #pragma GCC diagnostic ignored "-Wpsabi"
 typedef float Float8 __attribute__((vector_size(32)));
 typedef int32_t Int8 __attribute__((vector_size(32)));
@@ -124,7 +125,7 @@ inline Float8 load8v(const scalar_t* src) {
 }
 
 template <typename scalar_t>
-inline void store8v(Float8 v, scalar_t* dst) {
+inline void store8v(const Float8& v, scalar_t* dst) {
   alignas(32) float f[8];
   std::memcpy(f, &v, sizeof(v));
   store8(f, dst);
@@ -173,7 +174,7 @@ struct ScaledCopy {
     for (int k = 0; k < 8; ++k) o[k] = a8[k] * scale[kOneChannel ? c : c + k];
     store8(o, out + i);
   }
-  inline void write8(Float8 a8, int64_t i, int64_t c) const { store8v(a8 * scale[c], out + i); }
+  inline void write8(const Float8& a8, int64_t i, int64_t c) const { store8v(a8 * scale[c], out + i); }
   inline void write1(opmath_t a1, int64_t i, int64_t c) const { out[i] = store_from_opmath<scalar_t>(a1 * scale[c]); }
 };
 
@@ -525,7 +526,7 @@ template <typename scalar_t>
 void Kernels::moments_sums(const Layout& L, const scalar_t* x, const opmath<scalar_t>* shift,
                            std::vector<double>& sum, std::vector<double>& sum_sq) {
   using opmath_t = opmath<scalar_t>;
-  channel_sums<opmath_t>(L, x, x, [=](auto xv, auto, int64_t, int64_t c) {  // xv: opmath_t or Float8
+  channel_sums<opmath_t>(L, x, x, [=](const auto& xv, const auto&, int64_t, int64_t c) {  // xv: opmath_t or Float8
     const auto d = xv - shift[c];
     return std::make_pair(d, d * d);
   }, sum, sum_sq);
@@ -547,7 +548,7 @@ void Kernels::backward_sums(const Layout& L, const scalar_t* dy, const scalar_t*
                             std::vector<double>& sum_dy_xmu) {
   using opmath_t = opmath<scalar_t>;
   // Per element: (dy, dy * (x - mean)), the two sums the batch formula and dweight need.
-  const auto grad_terms = [=](auto g, auto xv, int64_t, int64_t c) {  // g, xv: opmath_t or Float8
+  const auto grad_terms = [=](const auto& g, const auto& xv, int64_t, int64_t c) {  // g, xv: opmath_t or Float8
     return std::make_pair(g, g * (xv - mean[c]));
   };
   if (dx == nullptr) {
