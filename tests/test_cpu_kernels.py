@@ -42,6 +42,9 @@ SHAPES = [
     # Rows of 8 KiB of opmath values and more are summed and mapped four at a time (kManyRowsBytes):
     # 189 rows, slices and chunks of row counts that four does not divide, C not a multiple of 8.
     ("nhwc_wide_rows", (3, 2050, 7, 9), torch.channels_last),
+    # The batch backward one channel at a time (Kernels::backward_by_channel_fits): planes of 4800 bytes and
+    # more in every dtype, a channel's dy and x 115 KB at most, 8 channels for up to 4 threads.
+    ("nchw_by_channel", (3, 8, 48, 50), None),
 ]
 
 # input dtype -> (atol, rtol) against the float64 reference

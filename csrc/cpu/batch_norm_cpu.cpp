@@ -311,7 +311,23 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
     if (need_sums) {
       std::vector<double> s1, s2;
       const auto mu = channel_values<opmath_t>(mean, C, 0);
-      backward_sums<scalar_t, opmath_t>(a.L, a.grad_out, a.input, mu.data(), s1, s2, gain.data(), frozen_dx);
+      // The batch grad_input with the sums, one channel at a time, where a channel fits in L2: dy and x are
+      // read from memory once (the same arithmetic as the two passes; the sums may round differently).
+      bool by_channel = false;
+      if (formula == Formula::Batch && output_mask[0]) {
+        with_cpu_kernels([&](auto kernels) { by_channel = kernels.backward_by_channel_fits(a.L, sizeof(scalar_t)); });
+      }
+      if (by_channel) {
+        grad_input = at::empty_like(a.input, a.L.format);
+        const scalar_t* x = a.input.const_data_ptr<scalar_t>();
+        const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
+        scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
+        with_cpu_kernels([&](auto kernels) {
+          kernels.batch_backward_by_channel(a.L, dy, x, mu.data(), gain.data(), is.data(), a.L.rows, dx, s1, s2);
+        });
+      } else {
+        backward_sums<scalar_t, opmath_t>(a.L, a.grad_out, a.input, mu.data(), s1, s2, gain.data(), frozen_dx);
+      }
       // The sums in opmath, as batch_norm_backward_reduce returns them (the same arithmetic as that op
       // followed by batch_norm_backward_elemt).
       std::vector<opmath_t> sdy(C), sdx(C);
@@ -321,7 +337,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
       }
       if (output_mask[1]) grad_weight = channel_result(C, param_dtype, a.input, [&](int64_t c) { return sdx[c] * is[c]; });
       if (output_mask[2]) grad_bias = channel_result(C, param_dtype, a.input, [&](int64_t c) { return sdy[c]; });
-      if (formula == Formula::Batch && output_mask[0]) {
+      if (formula == Formula::Batch && output_mask[0] && !by_channel) {
         grad_input = batch_grad_input<scalar_t, opmath_t>(a, gain.data(), mu.data(), is.data(), sdy.data(),
                                                           sdx.data(), a.L.rows);
       }

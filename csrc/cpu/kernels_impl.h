@@ -237,6 +237,79 @@ inline void add_rows(const F& f, const scalar_t* a, const scalar_t* b, int64_t b
   }
 }
 
+// sum1 += sum of f(.).first over elements [e, end) of one NC* plane of channel c (sum2 likewise with .second),
+// in blocks of kBlock elements summed in kLanes opmath lanes, each block's lanes added into the double sums.
+template <bool kCopy, typename opmath_t, typename scalar_t, typename F>
+inline void plane_sums(const F& f, const scalar_t* a, const scalar_t* b, int64_t e, int64_t end, int64_t c,
+                       double& sum1, double& sum2, const ScaledCopy<scalar_t, opmath_t>& copy) {
+  const auto ld = [](const scalar_t* p, int64_t i) { return load_opmath<opmath_t>(p[i]); };
+  for (; e < end;) {
+    const int64_t block_start = e, block_end = std::min(end, e + kBlock);
+    // Independent lanes the compiler maps onto vector registers (a reduction into one scalar
+    // would not vectorize without reassociation).
+    opmath_t lane1[kLanes] = {}, lane2[kLanes] = {};
+    if constexpr (kConvertsInBlocks<scalar_t>) {
+      static_assert(kLanes == 16, "the 16-bit sums keep the lanes as two Float8 per sum");
+      // The 16-bit types: f gets eight converted values at a time (as Float8), the sums stay in
+      // registers (Float8 variables).
+      Float8 sum1_lo = {}, sum1_hi = {}, sum2_lo = {}, sum2_hi = {};
+      // kLanes elements from s, the first `skip` of them left out of the sums (masked, as their
+      // values may be inf or NaN).
+      const auto add_converted = [&](int64_t s, int skip) {
+        const Float8 a_lo = load8v(a + s), a_hi = load8v(a + s + 8);
+        const Float8 b_lo = load8v(b + s), b_hi = load8v(b + s + 8);
+        if constexpr (kCopy) {
+          copy.write8(a_lo, s, c);
+          copy.write8(a_hi, s + 8, c);
+        }
+        const auto lo = f(a_lo, b_lo, s, c), hi = f(a_hi, b_hi, s + 8, c);
+        if (skip == 0) {
+          sum1_lo += lo.first;
+          sum1_hi += hi.first;
+          sum2_lo += lo.second;
+          sum2_hi += hi.second;
+          return;
+        }
+        const Int8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+        const Int8 keep_lo = lane >= skip, keep_hi = lane + 8 >= skip;  // all ones or zero
+        sum1_lo += (Float8)((Int8)lo.first & keep_lo);
+        sum1_hi += (Float8)((Int8)hi.first & keep_hi);
+        sum2_lo += (Float8)((Int8)lo.second & keep_lo);
+        sum2_hi += (Float8)((Int8)hi.second & keep_hi);
+      };
+      for (; e + kLanes <= block_end; e += kLanes) add_converted(e, 0);
+      // The last block_end - e (< kLanes) elements: the kLanes ending at block_end, those before e
+      // masked off (and their copies rewritten with the same values).
+      if (e < block_end && block_end - kLanes >= block_start) {
+        add_converted(block_end - kLanes, static_cast<int>(e - (block_end - kLanes)));
+        e = block_end;
+      }
+      std::memcpy(lane1, &sum1_lo, sizeof(Float8));
+      std::memcpy(lane1 + 8, &sum1_hi, sizeof(Float8));
+      std::memcpy(lane2, &sum2_lo, sizeof(Float8));
+      std::memcpy(lane2 + 8, &sum2_hi, sizeof(Float8));
+    } else {
+      for (; e + kLanes <= block_end; e += kLanes) {
+#pragma omp simd
+        for (int l = 0; l < kLanes; ++l) {
+          const auto v = f(a[e + l], b[e + l], e + l, c);
+          lane1[l] += v.first;
+          lane2[l] += v.second;
+        }
+      }
+    }
+    // (Short blocks: one element at a time.)
+    for (int l = 0; e < block_end; ++e, ++l) {
+      if constexpr (kCopy) copy.write1(ld(a, e), e, c);
+      const auto v = f(ld(a, e), ld(b, e), e, c);
+      lane1[l] += v.first;
+      lane2[l] += v.second;
+    }
+    sum1 += sum_lanes(lane1);
+    sum2 += sum_lanes(lane2);
+  }
+}
+
 // Per-channel sums of the two values f(a[idx], b[idx], idx, c) returns, over every element of the channel (a
 // and b as opmath; b may be a again when f reads one tensor).
 // The memory is cut into a fixed number of slices, each read in order by one task into its own per-channel
@@ -291,71 +364,8 @@ void channel_sums(const Layout& L, const scalar_t* a, const scalar_t* b, const F
         // plane's sums).
         for (int64_t e = e0, plane = e0 / S, c = plane % C; e < e1; ++plane, c = c + 1 == C ? 0 : c + 1) {
           const int64_t end = std::min(e1, (plane + 1) * S);
-          for (; e < end;) {
-            const int64_t block_start = e, block_end = std::min(end, e + kBlock);
-            // Independent lanes the compiler maps onto vector registers (a reduction into one scalar
-            // would not vectorize without reassociation).
-            opmath_t lane1[kLanes] = {}, lane2[kLanes] = {};
-            if constexpr (kConvertsInBlocks<scalar_t>) {
-              static_assert(kLanes == 16, "the 16-bit sums keep the lanes as two Float8 per sum");
-              // The 16-bit types: f gets eight converted values at a time (as Float8), the sums stay in
-              // registers (Float8 variables).
-              Float8 sum1_lo = {}, sum1_hi = {}, sum2_lo = {}, sum2_hi = {};
-              // kLanes elements from s, the first `skip` of them left out of the sums (masked, as their
-              // values may be inf or NaN).
-              const auto add_converted = [&](int64_t s, int skip) {
-                const Float8 a_lo = load8v(a + s), a_hi = load8v(a + s + 8);
-                const Float8 b_lo = load8v(b + s), b_hi = load8v(b + s + 8);
-                if constexpr (kCopy) {
-                  copy.write8(a_lo, s, c);
-                  copy.write8(a_hi, s + 8, c);
-                }
-                const auto lo = f(a_lo, b_lo, s, c), hi = f(a_hi, b_hi, s + 8, c);
-                if (skip == 0) {
-                  sum1_lo += lo.first;
-                  sum1_hi += hi.first;
-                  sum2_lo += lo.second;
-                  sum2_hi += hi.second;
-                  return;
-                }
-                const Int8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
-                const Int8 keep_lo = lane >= skip, keep_hi = lane + 8 >= skip;  // all ones or zero
-                sum1_lo += (Float8)((Int8)lo.first & keep_lo);
-                sum1_hi += (Float8)((Int8)hi.first & keep_hi);
-                sum2_lo += (Float8)((Int8)lo.second & keep_lo);
-                sum2_hi += (Float8)((Int8)hi.second & keep_hi);
-              };
-              for (; e + kLanes <= block_end; e += kLanes) add_converted(e, 0);
-              // The last block_end - e (< kLanes) elements: the kLanes ending at block_end, those before e
-              // masked off (and their copies rewritten with the same values).
-              if (e < block_end && block_end - kLanes >= block_start) {
-                add_converted(block_end - kLanes, static_cast<int>(e - (block_end - kLanes)));
-                e = block_end;
-              }
-              std::memcpy(lane1, &sum1_lo, sizeof(Float8));
-              std::memcpy(lane1 + 8, &sum1_hi, sizeof(Float8));
-              std::memcpy(lane2, &sum2_lo, sizeof(Float8));
-              std::memcpy(lane2 + 8, &sum2_hi, sizeof(Float8));
-            } else {
-              for (; e + kLanes <= block_end; e += kLanes) {
-#pragma omp simd
-                for (int l = 0; l < kLanes; ++l) {
-                  const auto v = f(a[e + l], b[e + l], e + l, c);
-                  lane1[l] += v.first;
-                  lane2[l] += v.second;
-                }
-              }
-            }
-            // (Short blocks: one element at a time.)
-            for (int l = 0; e < block_end; ++e, ++l) {
-              if constexpr (kCopy) copy.write1(ld(a, e), e, c);
-              const auto v = f(ld(a, e), ld(b, e), e, c);
-              lane1[l] += v.first;
-              lane2[l] += v.second;
-            }
-            p1[c] += sum_lanes(lane1);
-            p2[c] += sum_lanes(lane2);
-          }
+          plane_sums<kCopy, opmath_t>(f, a, b, e, end, c, p1[c], p2[c], copy);
+          e = end;
         }
         continue;
       }
@@ -566,6 +576,43 @@ void Kernels::backward_sums(const Layout& L, const scalar_t* dy, const scalar_t*
 }
 
 template <typename scalar_t>
+void Kernels::batch_backward_by_channel(const Layout& L, const scalar_t* dy, const scalar_t* x,
+                                        const opmath<scalar_t>* mean, const opmath<scalar_t>* gain,
+                                        const opmath<scalar_t>* invstd, int64_t count, scalar_t* dx,
+                                        std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu) {
+  using opmath_t = opmath<scalar_t>;
+  const int64_t C = L.C, S = L.inner, N = L.N;
+  sum_dy.assign(C, 0.0);
+  sum_dy_xmu.assign(C, 0.0);
+  if (L.rows == 0 || C == 0) return;
+  const auto grad_terms = [=](const auto& g, const auto& xv, int64_t, int64_t c) {  // as in backward_sums
+    return std::make_pair(g, g * (xv - mean[c]));
+  };
+  const opmath_t inv_count = opmath_t(1) / static_cast<opmath_t>(count);
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t n = 0; n < N; ++n) {
+        plane_sums<false, opmath_t>(grad_terms, dy, x, (n * C + c) * S, (n * C + c + 1) * S, c, s1, s2, {});
+      }
+      sum_dy[c] = s1;
+      sum_dy_xmu[c] = s2;
+      // batch_grad_input's coefficients, from the sums in opmath.
+      const opmath_t sdy = static_cast<opmath_t>(s1), sdx = static_cast<opmath_t>(s2);
+      const opmath_t xmu_coef = -gain[c] * invstd[c] * invstd[c] * sdx * inv_count;
+      const opmath_t offset = -gain[c] * sdy * inv_count;
+      const opmath_t g = gain[c], m = mean[c];
+      const auto grad_input = [=](const auto* dys, const auto* xs, int64_t i, int64_t) {
+        return static_cast<opmath_t>(dys[i]) * g + (static_cast<opmath_t>(xs[i]) - m) * xmu_coef + offset;
+      };
+      const auto plane_channel = [c](int64_t) { return c; };
+      // The planes read last first (what L1 still holds).
+      for (int64_t n = N - 1; n >= 0; --n) map_run<8>(dx, dy, x, grad_input, (n * C + c) * S, S, plane_channel);
+    }
+  });
+}
+
+template <typename scalar_t>
 void Kernels::grad_input_map(const Layout& L, const scalar_t* dy, const scalar_t* x, const opmath<scalar_t>* mean,
                              const opmath<scalar_t>* gain, const opmath<scalar_t>* xmu_coef,
                              const opmath<scalar_t>* offset, scalar_t* dx) {
@@ -592,6 +639,10 @@ void Kernels::scale_map(const Layout& L, const scalar_t* dy, const opmath<scalar
   template void Kernels::backward_sums<scalar_t>(const Layout&, const scalar_t*, const scalar_t*,               \
                                                  const opmath<scalar_t>*, const opmath<scalar_t>*, scalar_t*,   \
                                                  std::vector<double>&, std::vector<double>&);                   \
+  template void Kernels::batch_backward_by_channel<scalar_t>(const Layout&, const scalar_t*, const scalar_t*,     \
+                                                             const opmath<scalar_t>*, const opmath<scalar_t>*,  \
+                                                             const opmath<scalar_t>*, int64_t, scalar_t*,       \
+                                                             std::vector<double>&, std::vector<double>&);       \
   template void Kernels::grad_input_map<scalar_t>(const Layout&, const scalar_t*, const scalar_t*,              \
                                                   const opmath<scalar_t>*, const opmath<scalar_t>*,             \
                                                   const opmath<scalar_t>*, const opmath<scalar_t>*, scalar_t*); \
