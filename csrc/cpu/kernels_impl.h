@@ -439,7 +439,9 @@ template <int W, typename scalar_t, typename G, typename Channel>
 inline void map_run(scalar_t* out, const scalar_t* a, const scalar_t* b, const G& g, int64_t base, int64_t n,
                     const Channel& channel) {
   if constexpr (kConvertsInBlocks<scalar_t>) {
-    const auto block = [&](int64_t j) {
+    // A local copy of g: through the reference, GCC reloaded g's coefficient pointers after every store to out.
+    const G g_local = g;
+    const auto block = [&, g = g_local](int64_t j) {
       alignas(32) float a8[8], b8[8], out8[8];
       load8(a + base + j, a8);
       if (b != nullptr) load8(b + base + j, b8);
