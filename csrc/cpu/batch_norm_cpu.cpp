@@ -253,8 +253,9 @@ Tensor batch_grad_input(const BackwardArgs& a, const opmath_t* gain, const opmat
   std::vector<opmath_t> xmu_coef(C), offset(C);
   const opmath_t inv_count = opmath_t(1) / static_cast<opmath_t>(count);
   for (int64_t c = 0; c < C; ++c) {
-    xmu_coef[c] = -gain[c] * is[c] * is[c] * sdx[c] * inv_count;
-    offset[c] = -gain[c] * sdy[c] * inv_count;
+    const BatchGradCoefficients<opmath_t> k = batch_grad_coefficients(gain[c], is[c], sdy[c], sdx[c], inv_count);
+    xmu_coef[c] = k.xmu_coef;
+    offset[c] = k.offset;
   }
   const scalar_t* x = a.input.const_data_ptr<scalar_t>();
   const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();

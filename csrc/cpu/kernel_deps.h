@@ -20,3 +20,4 @@
 #endif
 
 #include "../common.h"
+#include "batch_grad_coefficients.h"

@@ -166,14 +166,14 @@ struct ScaledCopy {
   scalar_t* out = nullptr;
   const opmath_t* scale = nullptr;
 
-  // Eight values of a (as floats) from index i, all in channel c (an NC* plane) or in channels c.. c+7 (a row).
-  template <bool kOneChannel>
-  inline void write8(const float* a8, int64_t i, int64_t c) const {
+  // Eight values of a (as floats) from index i, in channels c .. c + 7 (a channels-last row).
+  inline void write8_row(const float* a8, int64_t i, int64_t c) const {
     alignas(32) float o[8];
 #pragma omp simd
-    for (int k = 0; k < 8; ++k) o[k] = a8[k] * scale[kOneChannel ? c : c + k];
+    for (int k = 0; k < 8; ++k) o[k] = a8[k] * scale[c + k];
     store8(o, out + i);
   }
+  // Eight values of a from index i, all in channel c (an NC* plane).
   inline void write8(const Float8& a8, int64_t i, int64_t c) const { store8v(a8 * scale[c], out + i); }
   inline void write1(opmath_t a1, int64_t i, int64_t c) const { out[i] = store_from_opmath<scalar_t>(a1 * scale[c]); }
 };
@@ -192,7 +192,7 @@ inline void add_rows(const F& f, const scalar_t* a, const scalar_t* b, int64_t b
       for (int r = 0; r < R; ++r) {
         load8(a + base + r * C + c0, av[r]);
         load8(b + base + r * C + c0, bv[r]);
-        if constexpr (kCopy) copy.template write8<false>(av[r], base + r * C + c0, c0);
+        if constexpr (kCopy) copy.write8_row(av[r], base + r * C + c0, c0);
       }
 #pragma omp simd
       for (int k = 0; k < 8; ++k) {
@@ -439,9 +439,8 @@ template <int W, typename scalar_t, typename G, typename Channel>
 inline void map_run(scalar_t* out, const scalar_t* a, const scalar_t* b, const G& g, int64_t base, int64_t n,
                     const Channel& channel) {
   if constexpr (kConvertsInBlocks<scalar_t>) {
-    // A local copy of g: through the reference, GCC reloaded g's coefficient pointers after every store to out.
-    const G g_local = g;
-    const auto block = [&, g = g_local](int64_t j) {
+    // g captured by value: through the reference, GCC reloaded g's coefficient pointers after every store to out.
+    const auto block = [&, g](int64_t j) {
       alignas(32) float a8[8], b8[8], out8[8];
       load8(a + base + j, a8);
       if (b != nullptr) load8(b + base + j, b8);
@@ -534,6 +533,21 @@ void channel_map(const Layout& L, scalar_t* out, const scalar_t* a, const scalar
 
 }  // namespace
 
+// The gradient sums' function: per element of channel c, (dy, dy * (x - mean[c])), the two sums the batch
+// formula and the weight gradient need. g, xv: opmath_t or Float8. (Outside the unnamed namespace: the
+// kernels' own lambdas capture it.)
+template <typename opmath_t>
+inline auto grad_terms(const opmath_t* mean) {
+  return [=](const auto& g, const auto& xv, int64_t, int64_t c) { return std::make_pair(g, g * (xv - mean[c])); };
+}
+
+// The batch formula's grad_input of one element (BatchGradCoefficients).
+template <typename opmath_t>
+inline opmath_t batch_grad_input_value(opmath_t dy, opmath_t x, opmath_t mean, opmath_t gain, opmath_t xmu_coef,
+                                       opmath_t offset) {
+  return dy * gain + (x - mean) * xmu_coef + offset;
+}
+
 template <typename scalar_t>
 void Kernels::moments_sums(const Layout& L, const scalar_t* x, const opmath<scalar_t>* shift,
                            std::vector<double>& sum, std::vector<double>& sum_sq) {
@@ -559,20 +573,17 @@ void Kernels::backward_sums(const Layout& L, const scalar_t* dy, const scalar_t*
                             const opmath<scalar_t>* dx_scale, scalar_t* dx, std::vector<double>& sum_dy,
                             std::vector<double>& sum_dy_xmu) {
   using opmath_t = opmath<scalar_t>;
-  // Per element: (dy, dy * (x - mean)), the two sums the batch formula and dweight need.
-  const auto grad_terms = [=](const auto& g, const auto& xv, int64_t, int64_t c) {  // g, xv: opmath_t or Float8
-    return std::make_pair(g, g * (xv - mean[c]));
-  };
+  const auto terms = grad_terms(mean);
   if (dx == nullptr) {
-    channel_sums<opmath_t>(L, dy, x, grad_terms, sum_dy, sum_dy_xmu);
+    channel_sums<opmath_t>(L, dy, x, terms, sum_dy, sum_dy_xmu);
     return;
   }
   if constexpr (kConvertsInBlocks<scalar_t>) {  // dx written by the sums eight at a time (ScaledCopy)
-    channel_sums<opmath_t, true>(L, dy, x, grad_terms, sum_dy, sum_dy_xmu, ScaledCopy<scalar_t, opmath_t>{dx, dx_scale});
+    channel_sums<opmath_t, true>(L, dy, x, terms, sum_dy, sum_dy_xmu, ScaledCopy<scalar_t, opmath_t>{dx, dx_scale});
   } else {
     channel_sums<opmath_t>(L, dy, x, [=](opmath_t g, opmath_t xv, int64_t i, int64_t c) {
       dx[i] = store_from_opmath<scalar_t>(g * dx_scale[c]);
-      return grad_terms(g, xv, i, c);
+      return terms(g, xv, i, c);
     }, sum_dy, sum_dy_xmu);
   }
 }
@@ -587,25 +598,23 @@ void Kernels::batch_backward_by_channel(const Layout& L, const scalar_t* dy, con
   sum_dy.assign(C, 0.0);
   sum_dy_xmu.assign(C, 0.0);
   if (L.rows == 0 || C == 0) return;
-  const auto grad_terms = [=](const auto& g, const auto& xv, int64_t, int64_t c) {  // as in backward_sums
-    return std::make_pair(g, g * (xv - mean[c]));
-  };
+  const auto terms = grad_terms(mean);
   const opmath_t inv_count = opmath_t(1) / static_cast<opmath_t>(count);
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       double s1 = 0.0, s2 = 0.0;
       for (int64_t n = 0; n < N; ++n) {
-        plane_sums<false, opmath_t>(grad_terms, dy, x, (n * C + c) * S, (n * C + c + 1) * S, c, s1, s2, {});
+        plane_sums<false, opmath_t>(terms, dy, x, (n * C + c) * S, (n * C + c + 1) * S, c, s1, s2, {});
       }
       sum_dy[c] = s1;
       sum_dy_xmu[c] = s2;
       // batch_grad_input's coefficients, from the sums in opmath.
-      const opmath_t sdy = static_cast<opmath_t>(s1), sdx = static_cast<opmath_t>(s2);
-      const opmath_t xmu_coef = -gain[c] * invstd[c] * invstd[c] * sdx * inv_count;
-      const opmath_t offset = -gain[c] * sdy * inv_count;
-      const opmath_t g = gain[c], m = mean[c];
+      const BatchGradCoefficients<opmath_t> k = batch_grad_coefficients(
+          gain[c], invstd[c], static_cast<opmath_t>(s1), static_cast<opmath_t>(s2), inv_count);
+      const opmath_t g = gain[c], m = mean[c], xmu_coef = k.xmu_coef, offset = k.offset;
       const auto grad_input = [=](const auto* dys, const auto* xs, int64_t i, int64_t) {
-        return static_cast<opmath_t>(dys[i]) * g + (static_cast<opmath_t>(xs[i]) - m) * xmu_coef + offset;
+        return batch_grad_input_value<opmath_t>(static_cast<opmath_t>(dys[i]), static_cast<opmath_t>(xs[i]), m, g,
+                                                xmu_coef, offset);
       };
       const auto plane_channel = [c](int64_t) { return c; };
       // The planes read last first (what L1 still holds).
@@ -620,7 +629,8 @@ void Kernels::grad_input_map(const Layout& L, const scalar_t* dy, const scalar_t
                              const opmath<scalar_t>* offset, scalar_t* dx) {
   using opmath_t = opmath<scalar_t>;
   channel_map<opmath_t>(L, dx, dy, x, [=](const auto* dys, const auto* xs, int64_t i, int64_t c) {
-    return static_cast<opmath_t>(dys[i]) * gain[c] + (static_cast<opmath_t>(xs[i]) - mean[c]) * xmu_coef[c] + offset[c];
+    return batch_grad_input_value<opmath_t>(static_cast<opmath_t>(dys[i]), static_cast<opmath_t>(xs[i]), mean[c],
+                                            gain[c], xmu_coef[c], offset[c]);
   }, /*after_pass=*/true, /*coefficient_arrays=*/4);
 }
 
