@@ -85,24 +85,41 @@ inline void load8(const scalar_t* src, float* dst) {
 #endif
 }
 
-template <typename scalar_t>
-inline void store8(const float* src, scalar_t* dst) {
 #if defined(BNX_CPU_AVX2_COMPILED)
+// Eight floats rounded to the 16-bit type, in one 128-bit register.
+template <typename scalar_t>
+inline __m128i round8(const float* src) {
   const __m256 v = _mm256_loadu_ps(src);
-  __m128i h;
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+    return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
   } else {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
     r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-    h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
   }
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), h);
+}
+#endif
+
+template <typename scalar_t>
+inline void store8(const float* src, scalar_t* dst) {
+#if defined(BNX_CPU_AVX2_COMPILED)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), round8<scalar_t>(src));
 #else
 #pragma omp simd
   for (int k = 0; k < 8; ++k) dst[k] = store_from_opmath<scalar_t>(src[k]);
+#endif
+}
+
+// Sixteen values, as store8 twice (one 256-bit store under AVX2).
+template <typename scalar_t>
+inline void store16(const float* src, scalar_t* dst) {
+#if defined(BNX_CPU_AVX2_COMPILED)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_set_m128i(round8<scalar_t>(src + 8), round8<scalar_t>(src)));
+#else
+  store8(src, dst);
+  store8(src + 8, dst + 8);
 #endif
 }
 
@@ -448,7 +465,20 @@ inline void map_run(scalar_t* out, const scalar_t* a, const scalar_t* b, const G
       for (int k = 0; k < 8; ++k) out8[k] = g(a8, b8, k, channel(j + k));
       store8(out8, out + base + j);
     };
+    const auto block16 = [&, g](int64_t j) {
+      alignas(32) float a16[16], b16[16], out16[16];
+      load8(a + base + j, a16);
+      load8(a + base + j + 8, a16 + 8);
+      if (b != nullptr) {
+        load8(b + base + j, b16);
+        load8(b + base + j + 8, b16 + 8);
+      }
+#pragma omp simd
+      for (int k = 0; k < 16; ++k) out16[k] = g(a16, b16, k, channel(j + k));
+      store16(out16, out + base + j);
+    };
     int64_t j = 0;
+    for (; j + 16 <= n; j += 16) block16(j);
     for (; j + 8 <= n; j += 8) block(j);
     if (j < n && n >= 8) {
       // The last n % 8 elements: the eight ending at n again, which rewrites up to seven outputs with the same
