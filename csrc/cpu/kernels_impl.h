@@ -449,8 +449,8 @@ constexpr int64_t kWideMapBytes = int64_t(2) << 20;
 
 // out[base + i] = g(a + base, b + base, i, channel(i)) for i in [0, n), W elements per vector: one plane of a
 // channel (NC*: channel(i) is that channel) or one row of channels (channels-last: channel(i) = i). a and b are
-// the stored tensors g reads (b may be null), g reads them at index i. The 16-bit types go eight at a time
-// through float arrays: g gets those, converted from a and b, and its results are rounded from one (with
+// the stored tensors g reads (b may be null), g reads them at index i. The 16-bit types go sixteen (then eight)
+// at a time through float arrays: g gets those, converted from a and b, and its results are rounded from one (with
 // c10::Half / c10::BFloat16's own conversions inside g the loop did not vectorize, or in 2-float pieces).
 template <int W, typename scalar_t, typename G, typename Channel>
 inline void map_run(scalar_t* out, const scalar_t* a, const scalar_t* b, const G& g, int64_t base, int64_t n,
